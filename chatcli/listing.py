@@ -1,0 +1,95 @@
+"""What `list` and `show` report: rows built from the cache, the catalogue and GGUF headers (no weights loaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from chatcli import hub, store
+from chatcli.errors import GGUFError, ModelNotPresentError
+from chatcli.gguf_info import GGUFInfo, read_gguf
+from chatcli.registry import Catalogue, ModelRef
+
+
+def _header(path: Path) -> GGUFInfo | None:
+    try:
+        return read_gguf(path)
+    except GGUFError:
+        return None
+
+
+def local_rows(catalogue: Catalogue, display: Callable[[store.LocalModel, Catalogue], str]) -> list[dict]:
+    rows = []
+    for model in store.scan():
+        info = _header(model.path)
+        rows.append({
+            "reference": display(model, catalogue),
+            "quant": (info.file_type if info else None) or model.quant,
+            "size": model.size,
+            "architecture": info.architecture if info else "unreadable",
+            "parameters": info.n_params if info else None,
+            "context": info.context_length if info else None,
+            "last_used": store.last_used(model.path),
+            "repo": model.repo,
+            "file": model.filename,
+            "revision": model.commit,
+            "path": str(model.path),
+        })
+    return rows
+
+
+def available_rows(catalogue: Catalogue) -> list[dict]:
+    local_repos = {m.repo.lower(): m for m in store.scan()}
+    rows = []
+    for spec in catalogue.models.values():
+        rows.append({
+            "name": spec.alias,
+            "repo": spec.repo,
+            "default_quant": spec.default_quant,
+            "quants": spec.quants,
+            "downloaded": spec.repo.lower() in local_repos,
+            "context": spec.context,
+            "license": spec.license,
+            "description": spec.description,
+        })
+    return rows
+
+
+def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.LocalModel | None]:
+    """The file to open for a reference, or ModelNotPresentError naming the pull command."""
+    if ref.kind == "local":
+        assert ref.local_path is not None
+        return ref.local_path, None
+    model = hub.locate(ref, revision)
+    if model is None:
+        raise ModelNotPresentError(f"model {ref.display} is not downloaded: run `chatcli pull {ref.raw}`")
+    return model.path, model
+
+
+def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
+    path, model = resolve_present(ref)
+    info = read_gguf(path)
+    spec = ref.spec or (catalogue.get(catalogue.alias_for_repo(model.repo) or "") if model else None)
+    meta = info.metadata
+    arch = info.architecture or ""
+    return {
+        "model": ref.display,
+        "description": spec.description if spec else None,
+        "architecture": info.architecture,
+        "name": info.name,
+        "parameters": info.n_params,
+        "quant": info.file_type,
+        "size": model.size if model else info.file_size,
+        "context_length": info.context_length,
+        "layers": meta.get(f"{arch}.block_count"),
+        "embedding_length": meta.get(f"{arch}.embedding_length"),
+        "chat_template": info.chat_template,
+        "license": info.license or (spec.license if spec else None),
+        "repo": model.repo if model else None,
+        "file": model.filename if model else None,
+        "revision": model.commit if model else None,
+        "sha256": model.sha256 if model else None,
+        "parts": len(model.parts) if model else 1,
+        "path": str(path),
+        "last_used": store.last_used(path),
+    }
