@@ -57,3 +57,9 @@ class TemplateError(ChatcliError):
 
 class HistoryError(ChatcliError):
     """The conversation store could not be read or written."""
+
+
+class OutputClosed(ChatcliError):
+    """stdout's reader went away (`| head`): stop quietly, successfully."""
+
+    exit_code = ExitCode.OK

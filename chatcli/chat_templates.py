@@ -1,0 +1,432 @@
+"""Chat templates: turn chat messages into the prompt text a model expects, plus its stop strings.
+
+A GGUF's `tokenizer.chat_template` is untrusted code (CVE-2024-34359). It is rendered only in jinja2's
+ImmutableSandboxedEnvironment, set up like transformers' `apply_chat_template` (trim/lstrip blocks,
+`raise_exception`, `strftime_now`, `tojson`, loop controls), and every render runs under a budget: at most
+RENDER_TIMEOUT_S seconds, and no value or output over MAX_CHARS characters. The sandbox stops escapes;
+the budget stops a template that loops forever or builds huge strings. Both surface as TemplateError.
+
+BOS: the rendered text starts with the BOS text exactly when the template emits it (`{{ bos_token }}`,
+as llama2, llama3, gemma and mistral do). `ChatFormat.renders_bos()` says so; the engine must then
+tokenize with special tokens parsed and without adding a second BOS.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import re
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import loopcontrols
+from jinja2.runtime import Context, Undefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import Namespace, pass_context
+from jinja2.visitor import NodeTransformer
+
+from chatcli.errors import TemplateError
+
+Message = dict[str, str]
+
+RENDER_TIMEOUT_S = 1.0
+MAX_CHARS = 10_000_000  # a rendered prompt, or any one value built on the way
+MAX_PRODUCED = 5 * MAX_CHARS  # all text emitted in one render, captured blocks and macros included
+MAX_INT_ARG = 100_000  # widths, counts: no chat template needs more
+MAX_INT_BITS = 100_000
+_SAMPLE: list[Message] = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi there!"},
+    {"role": "user", "content": "How are you?"},
+]
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+class _RaisedByTemplate(Exception):
+    pass
+
+
+@dataclass
+class _Budget:
+    deadline: float
+    produced: int = 0
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("chat_template_budget", default=None)
+
+
+def _tick() -> None:
+    budget = _budget.get()
+    if budget is not None and time.monotonic() > budget.deadline:
+        raise _LimitExceeded(f"ran longer than {RENDER_TIMEOUT_S:g} s")
+
+
+def _weight(obj: Any) -> int:
+    """Roughly how many characters `str(obj)` takes; stops counting past MAX_CHARS."""
+    total, stack = 0, [obj]
+    while stack and total <= MAX_CHARS:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            total += len(item)
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 1
+        elif isinstance(item, Namespace):
+            stack.append(item._Namespace__attrs)  # type: ignore[attr-defined]  # its repr shows them
+        elif isinstance(item, Collection) and not isinstance(item, Undefined):
+            total += 2 + len(item)
+            if total <= MAX_CHARS:
+                stack.extend(item.items() if isinstance(item, Mapping) else item)
+        else:
+            total += 1
+    return total
+
+
+def _check(value: Any) -> Any:
+    if _weight(value) > MAX_CHARS:
+        raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+    return value
+
+
+# Operations whose output can be many times their input; each gets an upper bound checked first.
+_UNITS: dict[str, Callable[[Any, tuple[Any, ...]], int]] = {
+    "replace": lambda s, p: s.count(p[0]) + 1 if p and isinstance(p[0], str) else len(s) + 1,
+    "indent": lambda s, p: s.count("\n") + 1,
+    "expandtabs": lambda s, p: s.count("\t") + 1,
+    "format": lambda s, p: s.count("{") + s.count("%") + 1,
+    "format_map": lambda s, p: s.count("{") + 1,
+    "join": lambda s, p: len(s) + 1 if isinstance(s, Sized) else MAX_INT_ARG,
+    "translate": lambda s, p: len(s) + 1,
+    "wordwrap": lambda s, p: len(s) + 1,
+    "urlize": lambda s, p: len(s) + 1,
+}
+
+
+def _check_call(name: str, subject: Any, params: tuple[Any, ...]) -> None:
+    """Refuse a call whose arguments or likely output break the budget, before it runs."""
+    _tick()
+    _check(subject)
+    for param in params:
+        _check(param)
+        if isinstance(param, int) and abs(param) > MAX_INT_ARG:
+            raise _LimitExceeded(f"passed {name or 'a call'} a number over {MAX_INT_ARG:,}")
+    units = _UNITS.get(name)
+    if units is None or not isinstance(subject, Iterable if name == "join" else str):
+        return
+    per_unit = sum(p if name in ("indent", "expandtabs") else 0 for p in params if isinstance(p, int))
+    per_unit += sum(_weight(p) for p in params if not isinstance(p, int))
+    if name.startswith("format") and isinstance(subject, str):
+        per_unit += max((int(d) if len(d) < 9 else MAX_CHARS for d in re.findall(r"\d+", subject)), default=0)
+    if _weight(subject) + units(subject, params) * per_unit > MAX_CHARS:
+        raise _LimitExceeded(f"asked {name} for over {MAX_CHARS:,} characters")
+
+
+def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)  # keeps jinja's pass_context/pass_eval_context marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        rest = args[1:] if args and isinstance(args[0], (Context, nodes.EvalContext, jinja2.Environment)) else args
+        _check_call(name, rest[0] if rest else None, (*rest[1:], *kwargs.values()))
+        return _check(func(*args, **kwargs))
+
+    return guarded
+
+
+@pass_context  # pass_context also stops jinja from running these at compile time
+def _guard_out(context: Context, value: Any) -> str:
+    _tick()
+    text = str(_check(value))
+    budget = _budget.get()
+    if budget is not None:
+        budget.produced += len(text)
+        if budget.produced > MAX_PRODUCED:
+            raise _LimitExceeded(f"produced over {MAX_PRODUCED:,} characters")
+    return text
+
+
+@pass_context
+def _guard_iter(context: Context, iterable: Any) -> Iterator[Any]:
+    for item in iterable:
+        _tick()
+        yield item
+
+
+@pass_context
+def _guard_concat(context: Context, parts: list[Any]) -> str:
+    _check(parts)
+    return "".join(str(part) for part in parts)
+
+
+def _filter(node: nodes.Expr, name: str) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
+
+
+class _AddGuards(NodeTransformer):
+    """Route every loop, `~` and output through the budget checks above."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        self.generic_visit(node)
+        node.iter = _filter(node.iter, "_guard_iter")
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        self.generic_visit(node)
+        return _filter(nodes.List(node.nodes, lineno=node.lineno), "_guard_concat")
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Node:
+        self.generic_visit(node)
+        node.nodes = [_filter(child, "_guard_out") for child in node.nodes]
+        return node
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = _AddGuards().visit(super()._parse(source, name, filename))
+        tree.set_environment(self)
+        return tree  # type: ignore[no-any-return]
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
+        return super().getitem(obj, argument)
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+        name, subject = getattr(method, "__name__", ""), getattr(method, "__self__", None)
+        if name == "join" and isinstance(subject, str) and args:
+            subject, args_for_check = args[0], (subject, *args[1:])
+        else:
+            args_for_check = args
+        _check_call(name if subject is not None else "", subject, (*args_for_check, *kwargs.values()))
+        return _check(super().call(context, obj, *args, **kwargs))
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "*" and isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _LimitExceeded("built a number too large")
+        elif operator == "*":
+            seq, times = (right, left) if isinstance(left, int) else (left, right)
+            if isinstance(times, int) and _weight(seq) * max(times, 0) > MAX_CHARS:
+                raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() * max(right, 0) > MAX_INT_BITS:
+                raise _LimitExceeded("built a number too large")
+        elif operator == "%" and isinstance(left, str):
+            _check_call("format", left, right if isinstance(right, tuple) else (right,))
+        elif operator == "+" and _weight(left) + _weight(right) > MAX_CHARS:
+            raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+        return _check(super().call_binop(context, operator, left, right))
+
+
+def _raise_exception(message: str) -> None:
+    raise _RaisedByTemplate(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
+        raise _LimitExceeded("asked tojson for an indent over 64")
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                               sort_keys=sort_keys)
+    parts, size = [], 0
+    for chunk in encoder.iterencode(value):  # streamed, so a huge result is stopped part-way
+        size += len(chunk)
+        if size > MAX_CHARS:
+            raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+        parts.append(chunk)
+    return "".join(parts)
+
+
+@functools.cache
+def _environment() -> _Sandbox:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, func) for name, func in env.filters.items()}
+    env.filters.update(_guard_out=_guard_out, _guard_iter=_guard_iter, _guard_concat=_guard_concat)
+    env.globals.pop("lipsum", None)  # lipsum(n) costs time in proportion to n
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, _RaisedByTemplate):
+        return f"chat template rejected the conversation: {exc}"
+    if isinstance(exc, SecurityError):
+        found = re.search(r"access to (.*) is unsafe", str(exc))
+        return f"chat template tried to access {found.group(1) if found else exc}: refused"
+    if isinstance(exc, _LimitExceeded):
+        return f"chat template {exc}: refused"
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return f"chat template is invalid: {exc.message} (line {exc.lineno})"
+    return f"chat template failed: {type(exc).__name__}: {exc}"
+
+
+def render_template(source: str, messages: list[Message], *, add_generation_prompt: bool = True,
+                    bos_token: str = "", eos_token: str = "") -> str:
+    """Render a chat template in the sandbox, under the time and size budget; TemplateError on any failure."""
+    token = _budget.set(_Budget(time.monotonic() + RENDER_TIMEOUT_S))
+    try:
+        text = _compile(source).render(
+            messages=[dict(message) for message in messages],  # copies: the caller's list stays as it was
+            add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
+            tools=None, documents=None,
+        )
+    except Exception as exc:  # the template is untrusted code: any failure becomes one clear error
+        raise TemplateError(_describe(exc)) from exc
+    finally:
+        _budget.reset(token)
+    if len(text) > MAX_CHARS:
+        raise TemplateError(f"chat template produced over {MAX_CHARS:,} characters: refused")
+    return text
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one model wants a conversation written out, and the strings that end its replies."""
+
+    name: str  # "gguf" for the model's own template, else a built-in name
+    source: str  # the Jinja source
+    bos_token: str = ""
+    eos_token: str = ""
+    stop: tuple[str, ...] = ()
+
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        return render_template(self.source, messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def renders_bos(self) -> bool:
+        """Whether rendered prompts begin with the BOS text, so the tokenizer must not add one."""
+        return bool(self.bos_token) and self.render(_SAMPLE).startswith(self.bos_token)
+
+
+_SPLIT_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}\n"
+)
+_ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+# name: (source, stop strings, default BOS text, default EOS text); the model's own tokens win over defaults.
+_BUILTINS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "chatml": (r"""{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}
+{%- endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}""", ("<|im_end|>",), "", ""),
+    # Meta's Llama 2 chat format: the system prompt goes inside the first [INST] block.
+    "llama2": (_SPLIT_SYSTEM + r"""{%- for m in turns %}{% if m['role'] == 'user' %}
+{%- set content = ('<<SYS>>\n' + system + '\n<</SYS>>\n\n' if loop.first and system else '') + m['content'] %}
+{{- bos_token + '[INST] ' + content | trim + ' [/INST]' }}
+{%- elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}""",
+               ("</s>",), "<s>", "</s>"),
+    "llama3": (r"""{%- for m in messages %}{{ (bos_token if loop.first else '') + '<|start_header_id|>' + m['role']
++ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}
+{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}""",
+               ("<|eot_id|>",), "<|begin_of_text|>", ""),
+    # Gemma 3's format: no system role, so the system prompt opens the first user turn.
+    "gemma": ("{{- bos_token }}" + _SPLIT_SYSTEM + r"""{%- for m in turns %}
+{{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n'
++ (system + '\n\n' if loop.first and system else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}
+{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}""", ("<end_of_turn>",), "<bos>", ""),
+    # Phi-3.5-mini-instruct's format.
+    "phi3": (r"""{%- for m in messages %}{% if m['role'] in ('system', 'user', 'assistant') and m['content'] %}
+{{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endif %}{% endfor %}
+{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}""",
+             ("<|end|>",), "", "<|endoftext|>"),
+    # Mistral-7B-Instruct-v0.1's format; a system prompt opens the first user turn, as later Mistrals do.
+    "mistral": ("{{- bos_token }}" + _SPLIT_SYSTEM + r"""{%- for m in turns %}{% if m['role'] == 'user' %}
+{{- '[INST] ' + (system + '\n\n' if loop.first and system else '') + m['content'] + ' [/INST]' }}
+{%- elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}""",
+                ("</s>",), "<s>", "</s>"),
+    # Stanford Alpaca's prompt, continued turn by turn; a system message replaces the preamble.
+    "alpaca": (_SPLIT_SYSTEM + "{{- (system or '" + _ALPACA_PREAMBLE + r"""') + '\n\n' }}{% for m in turns %}{% if m['role'] == 'user' %}
+{{- '### Instruction:\n' + m['content'] + '\n\n' }}{% elif m['role'] == 'assistant' %}
+{{- '### Response:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}
+{%- if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}""", ("### Instruction:",), "", ""),
+    # A plain transcript for base models: the system text, then "User: ..." / "Assistant: ..." lines.
+    "plain": (r"""{%- for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}
+{%- elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}{% else %}{{ 'Assistant: ' + m['content'] + '\n' }}
+{%- endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}""", ("\nUser:",), "", ""),
+}
+BUILTIN_NAMES: tuple[str, ...] = tuple(_BUILTINS)
+# End-of-turn markers that, found in a GGUF template, are stop strings.
+_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
+            "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>")
+
+
+def _unique(strings: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for s in strings if s))
+
+
+def builtin_format(name: str, *, bos_token: str = "", eos_token: str = "") -> ChatFormat:
+    """A built-in format; `bos_token`/`eos_token` are the model's, when known, else the family's usual ones."""
+    if name not in _BUILTINS:
+        raise TemplateError(f"unknown chat template {name!r}: choose one of {', '.join(BUILTIN_NAMES)}")
+    source, stops, default_bos, default_eos = _BUILTINS[name]
+    bos, eos = bos_token or default_bos, eos_token or default_eos
+    return ChatFormat(name, source, bos, eos, _unique((*stops, eos)))
+
+
+def _builtin_for(architecture: str | None, eos_token: str, eot_token: str) -> str:
+    """The built-in a model without a usable template most likely wants: its end-of-turn token, else its family."""
+    by_token = {"<|im_end|>": "chatml", "<|eot_id|>": "llama3", "<end_of_turn>": "gemma", "<|end|>": "phi3"}
+    for token in (eot_token, eos_token):
+        if token in by_token:
+            return by_token[token]
+    arch = (architecture or "").lower()
+    if arch in ("gpt2", "gptj", "gptneox", "bloom", "mpt", "starcoder"):
+        return "plain"
+    for prefix, name in (("gemma", "gemma"), ("phi3", "phi3"), ("mistral", "mistral"), ("llama", "llama2")):
+        if arch.startswith(prefix):
+            return name
+    return "chatml"  # qwen, smollm and most recent instruction models
+
+
+def choose_format(*, requested: str | None, gguf_template: str | None, architecture: str | None,
+                  bos_token: str = "", eos_token: str = "", eot_token: str = "") -> tuple[ChatFormat, str | None]:
+    """The format to chat with, and a warning for the user when it is a guess.
+
+    `requested`: None or "auto" (the GGUF's template, else a built-in picked from the model), "gguf" (the
+    GGUF's template or an error), or a built-in name. A GGUF template that fails a sample render, unsafe or
+    broken, is replaced by a built-in, with a warning that says why.
+    """
+    if requested not in (None, "auto", "gguf"):
+        chosen = builtin_format(requested, bos_token=bos_token, eos_token=eos_token)
+        return replace(chosen, stop=_unique((*chosen.stop, eot_token))), None
+    fallback_name = _builtin_for(architecture, eos_token, eot_token)
+    fallback = builtin_format(fallback_name, bos_token=bos_token, eos_token=eos_token)
+    fallback = replace(fallback, stop=_unique((*fallback.stop, eot_token)))
+    if gguf_template and gguf_template.strip():
+        markers = (marker for marker in _MARKERS if marker in gguf_template)
+        own = ChatFormat("gguf", gguf_template, bos_token, eos_token, _unique((*markers, eos_token, eot_token)))
+        try:
+            if _SAMPLE[-1]["content"] not in own.render(_SAMPLE):
+                raise TemplateError("chat template leaves out the messages")
+        except TemplateError as exc:
+            if requested == "gguf":
+                raise
+            return fallback, f"the model's chat template is unsafe or invalid ({exc}); using {fallback_name!r}"
+        return own, None
+    if requested == "gguf":
+        raise TemplateError(f"the model has no chat template: name one of {', '.join(BUILTIN_NAMES)}")
+    return fallback, (f"model has no chat template; using {fallback_name!r}"
+                      " — it may be a base model that does not follow instructions")

@@ -1,0 +1,654 @@
+"""Safe, fast reading of GGUF headers: metadata and tensor infos, never tensor data.
+
+Pure Python (struct and plain file reads) so that `chatcli list` can read many files in
+milliseconds. Every count and length is checked against the bytes left in the file and
+against fixed caps before anything is allocated or looped over; any malformed, truncated
+or hostile file raises GGUFError and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from chatcli.errors import GGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is gone from llama.cpp
+DEFAULT_ALIGNMENT = 32
+
+# Caps: far above any real model, and no looser than llama.cpp's own gguf.cpp.
+MAX_KV = 1 << 20
+MAX_TENSORS = 1 << 20
+MAX_KEY_LEN = 1 << 16
+MAX_STRING_VALUE_LEN = 1 << 24  # a materialised string value (chat templates are ~10 KB)
+MAX_STRING_LEN = 1 << 30  # any string, skipped or not (GGUF_MAX_STRING_LENGTH)
+MAX_ARRAY_LEN = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
+INT64_MAX = (1 << 63) - 1
+INLINE_ARRAY_MAX = 256  # longer arrays become an ArraySummary
+_CHUNK = 1 << 20
+_CHECKPOINT_SHIFT = 8  # remember every 256th token's offset to look tokens up later
+
+# Arrays that are never materialised, whatever their length, so metadata looks the same
+# for a toy vocabulary and a real one.
+_SUMMARISED_KEYS = frozenset(
+    {
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.scores",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.precompiled_charsmap",
+    }
+)
+
+# GGUF value types (gguf/constants.py GGUFValueType): id -> (name, struct format or None).
+_T_STRING = 8
+_T_ARRAY = 9
+_T_BOOL = 7
+VALUE_TYPES: dict[int, tuple[str, str | None]] = {
+    0: ("UINT8", "<B"),
+    1: ("INT8", "<b"),
+    2: ("UINT16", "<H"),
+    3: ("INT16", "<h"),
+    4: ("UINT32", "<I"),
+    5: ("INT32", "<i"),
+    6: ("FLOAT32", "<f"),
+    7: ("BOOL", "<B"),
+    8: ("STRING", None),
+    9: ("ARRAY", None),
+    10: ("UINT64", "<Q"),
+    11: ("INT64", "<q"),
+    12: ("FLOAT64", "<d"),
+}
+_SCALAR_STRUCTS = {t: struct.Struct(fmt) for t, (_, fmt) in VALUE_TYPES.items() if fmt is not None}
+
+# GGML tensor types (gguf/constants.py GGMLQuantizationType and GGML_QUANT_SIZES, gguf 0.19):
+# id -> (name, elements per block, bytes per block).
+TENSOR_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+
+# llama_ftype (general.file_type; gguf/constants.py LlamaFileType) -> quant name.
+FILE_TYPES: dict[int, str] = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    4: "Q4_1_SOME_F16",  # removed upstream; old files still carry it
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    33: "Q4_0_4_4",  # removed upstream (runtime repacking); old files still carry them
+    34: "Q4_0_4_8",
+    35: "Q4_0_8_8",
+    36: "TQ1_0",
+    37: "TQ2_0",
+    38: "MXFP4_MOE",
+    39: "NVFP4",
+    40: "Q1_0",
+}
+_FTYPE_GUESSED = 1024
+
+# Approximate bits per weight of whole files, for ordering quants (not for size estimates).
+QUANT_BITS: dict[str, float] = {
+    "Q1_0": 1.1,
+    "IQ1_S": 1.56,
+    "TQ1_0": 1.69,
+    "IQ1_M": 1.75,
+    "IQ2_XXS": 2.06,
+    "TQ2_0": 2.06,
+    "IQ2_XS": 2.31,
+    "IQ2_S": 2.5,
+    "IQ2_M": 2.7,
+    "Q2_K_S": 2.9,
+    "Q2_K": 3.0,
+    "Q2_K_XL": 3.1,
+    "IQ3_XXS": 3.06,
+    "IQ3_XS": 3.3,
+    "IQ3_S": 3.44,
+    "Q3_K": 3.44,
+    "Q3_K_S": 3.5,
+    "IQ3_M": 3.66,
+    "Q3_K_M": 3.91,
+    "Q3_K_XL": 4.0,
+    "IQ4_XS": 4.25,
+    "MXFP4": 4.25,
+    "MXFP4_MOE": 4.25,
+    "Q3_K_L": 4.27,
+    "NVFP4": 4.5,
+    "IQ4_NL": 4.5,
+    "Q4_0": 4.55,
+    "Q4_0_4_4": 4.55,
+    "Q4_0_4_8": 4.55,
+    "Q4_0_8_8": 4.55,
+    "Q4_K": 4.58,
+    "Q4_K_S": 4.58,
+    "Q4_K_M": 4.89,
+    "Q4_K_XL": 5.0,
+    "Q4_1": 5.0,
+    "Q4_1_SOME_F16": 5.1,
+    "Q5_0": 5.5,
+    "Q5_K": 5.54,
+    "Q5_K_S": 5.54,
+    "Q5_K_M": 5.7,
+    "Q5_K_XL": 5.8,
+    "Q5_1": 6.0,
+    "Q6_K": 6.56,
+    "Q6_K_XL": 6.7,
+    "Q8_0": 8.5,
+    "Q8_K_XL": 9.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "F32": 32.0,
+}
+
+_QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
+
+
+@functools.cache
+def _quant_re() -> re.Pattern[str]:
+    # Longest first, so Q4_K_M wins over Q4_K at the same position. Compiled on first use:
+    # the alternation costs milliseconds that `chatcli --help` should not pay.
+    tags = sorted([*QUANT_BITS, *_QUANT_ALIASES], key=len, reverse=True)
+    alternation = "|".join(re.escape(t) for t in tags)
+    return re.compile(rf"(?<![A-Za-z0-9])({alternation})(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def quant_from_filename(name: str) -> str | None:
+    """The quant tag in a GGUF file name ("qwen2.5-0.5b-instruct-q4_k_m.gguf" -> "Q4_K_M"), or None.
+
+    Only llama.cpp quant names count: a bare "q4" (Phi-3's "Phi-3-mini-4k-instruct-q4.gguf")
+    says which family but not which quant, so it gives None; read general.file_type instead.
+    When several tags appear, the last one wins (the quant usually ends the name).
+    """
+    stem = Path(name).name
+    matches = _quant_re().findall(stem)
+    if not matches:
+        return None
+    tag = matches[-1].upper()
+    return _QUANT_ALIASES.get(tag, tag)
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A metadata array too large to keep (e.g. the vocabulary): its element type and length."""
+
+    type: str
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
+    type: str  # TENSOR_TYPES name, or "TYPE<n>" for a type this table does not know
+    offset: int  # relative to the start of the data section
+    n_elements: int
+    n_bytes: int | None  # None for an unknown type
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    path: Path
+    file_size: int
+    version: int
+    architecture: str | None
+    name: str | None
+    metadata: dict[str, object]
+    n_tensors: int
+    n_params: int
+    file_type: str | None
+    context_length: int | None
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    eot_token_id: int | None
+    bos_token: str | None
+    eos_token: str | None
+    eot_token: str | None
+    license: str | None
+    split: tuple[int, int] | None  # (split.no, split.count); split.no counts from 0
+    alignment: int
+    data_offset: int  # where tensor data starts
+    tensors: tuple[TensorInfo, ...]
+
+    def arch_value(self, suffix: str) -> object | None:
+        """The value of "{architecture}.{suffix}", e.g. arch_value("block_count")."""
+        if self.architecture is None:
+            return None
+        return self.metadata.get(f"{self.architecture}.{suffix}")
+
+    def _arch_int(self, suffix: str) -> int | None:
+        value = self.arch_value(suffix)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def block_count(self) -> int | None:
+        return self._arch_int("block_count")
+
+    @property
+    def embedding_length(self) -> int | None:
+        return self._arch_int("embedding_length")
+
+    @property
+    def feed_forward_length(self) -> int | None:
+        return self._arch_int("feed_forward_length")
+
+    @property
+    def head_count(self) -> int | None:
+        return self._arch_int("attention.head_count")
+
+    @property
+    def head_count_kv(self) -> int | None:
+        return self._arch_int("attention.head_count_kv")
+
+    @property
+    def vocab_size(self) -> int | None:
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        return tokens.length if isinstance(tokens, ArraySummary) else None
+
+    @property
+    def tokenizer_model(self) -> str | None:
+        value = self.metadata.get("tokenizer.ggml.model")
+        return value if isinstance(value, str) else None
+
+    @property
+    def size_label(self) -> str | None:
+        value = self.metadata.get("general.size_label")
+        return value if isinstance(value, str) else None
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class _Reader:
+    """Sequential little-endian reads through a window of the file, bounds-checked."""
+
+    __slots__ = ("f", "path", "size", "buf", "base", "pos", "where")
+
+    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
+        self.f = f
+        self.path = path
+        self.size = size
+        self.buf = b""
+        self.base = 0
+        self.pos = 0
+        self.where = "header"
+
+    def error(self, message: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {message} (in {self.where})")
+
+    def truncated(self, end: int) -> GGUFError:
+        """The file ends before `end`, which reading `where` needs to reach."""
+        return GGUFError(
+            f"{self.path}: truncated at byte {self.size} ({self.where} needs at least {end - self.size} more bytes)"
+        )
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int) -> int:
+        """Make bytes [pos, pos+n) available; return their offset in buf."""
+        end = self.pos + n
+        if end > self.size:
+            raise self.truncated(end)
+        off = self.pos - self.base
+        if off < 0 or end - self.base > len(self.buf):
+            self.f.seek(self.pos)
+            data = self.f.read(max(n, _CHUNK))
+            if len(data) < n:  # the file shrank under us
+                self.size = self.pos + len(data)
+                raise self.truncated(end)
+            self.buf = data
+            self.base = self.pos
+            off = 0
+        return off
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise self.truncated(self.pos + n)
+        self.pos += n
+
+    def u32(self) -> int:
+        off = self.need(4)
+        self.pos += 4
+        return _U32.unpack_from(self.buf, off)[0]
+
+    def u64(self) -> int:
+        off = self.need(8)
+        self.pos += 8
+        return _U64.unpack_from(self.buf, off)[0]
+
+    def scalar(self, st: struct.Struct) -> object:
+        off = self.need(st.size)
+        self.pos += st.size
+        return st.unpack_from(self.buf, off)[0]
+
+    def raw(self, n: int) -> bytes:
+        off = self.need(n)
+        self.pos += n
+        return self.buf[off : off + n]
+
+    def string(self, cap: int) -> str:
+        start = self.pos
+        n = self.u64()
+        if n > cap:
+            raise self.error(f"string at byte {start} claims {n} bytes (limit {cap})")
+        if n > self.remaining:
+            raise self.truncated(self.pos + n)
+        return self.raw(n).decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int, checkpoints: list[int] | None = None) -> None:
+        """Walk over `count` length-prefixed strings without decoding them.
+
+        The hot loop of the reader (a vocabulary and its merges are 100k+ strings each), so it
+        works on buffer-relative offsets and lets an absurd length simply run past the window:
+        the next refill or the final size check reports it as truncation.
+        """
+        unpack = _U64.unpack_from
+        step = 1 << _CHECKPOINT_SHIFT
+        i = 0
+        while i < count:
+            self.need(8)
+            buf = self.buf
+            q = self.pos - self.base
+            limit = len(buf) - 8
+            if checkpoints is None:
+                j = count
+                for j in range(i, count):  # noqa: B007 - j is used after the loop
+                    if q > limit:
+                        break
+                    q += unpack(buf, q)[0] + 8
+                else:
+                    j = count
+            else:
+                # In blocks of `step` so that each block's first offset can be remembered.
+                j = i
+                base = self.base
+                while j < count and q <= limit:
+                    if not j % step:
+                        checkpoints.append(base + q)
+                    stop = min(count, j - j % step + step)
+                    for j in range(j, stop):  # noqa: B020
+                        if q > limit:
+                            break
+                        q += unpack(buf, q)[0] + 8
+                    else:
+                        j = stop
+            i = j
+            self.pos = self.base + q
+            if self.pos > self.size:
+                raise self.truncated(self.pos)
+
+
+class _Vocab:
+    """Where tokenizer.ggml.tokens lies, so single tokens can be read back without a list."""
+
+    __slots__ = ("count", "checkpoints")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.checkpoints: list[int] = []  # offset of every 2**_CHECKPOINT_SHIFT-th token
+
+
+def _read_value(r: _Reader, vtype: int, key: str, vocab: _Vocab) -> object:
+    if vtype == _T_STRING:
+        return r.string(MAX_STRING_VALUE_LEN)
+    st = _SCALAR_STRUCTS.get(vtype)
+    if st is not None:
+        value = r.scalar(st)
+        return bool(value) if vtype == _T_BOOL else value
+    if vtype != _T_ARRAY:
+        raise r.error(f"unknown value type {vtype}")
+
+    etype = r.u32()
+    count = r.u64()
+    if etype == _T_ARRAY:
+        raise r.error("nested arrays are not supported (llama.cpp refuses them too)")
+    if etype not in VALUE_TYPES:
+        raise r.error(f"array of unknown value type {etype}")
+    est = _SCALAR_STRUCTS.get(etype)
+    min_size = 8 if est is None else est.size
+    if count > MAX_ARRAY_LEN:
+        raise r.error(f"array claims {count} elements (limit {MAX_ARRAY_LEN})")
+    if count * min_size > r.remaining:
+        raise r.truncated(r.pos + count * min_size)
+    type_name = VALUE_TYPES[etype][0]
+
+    if key in _SUMMARISED_KEYS or count > INLINE_ARRAY_MAX:
+        if est is not None:
+            r.skip(count * est.size)
+        elif key == "tokenizer.ggml.tokens":
+            vocab.count = count
+            r.skip_strings(count, vocab.checkpoints)
+        else:
+            r.skip_strings(count)
+        return ArraySummary(type_name, count)
+    if est is None:
+        return tuple(r.string(MAX_STRING_VALUE_LEN) for _ in range(count))
+    values = tuple(r.scalar(est) for _ in range(count))
+    if etype == _T_BOOL:
+        return tuple(bool(v) for v in values)
+    return values
+
+
+def _token_text(r: _Reader, vocab: _Vocab, token_id: int | None) -> str | None:
+    if token_id is None or not 0 <= token_id < vocab.count:
+        return None
+    r.where = f"token {token_id}"
+    r.seek(vocab.checkpoints[token_id >> _CHECKPOINT_SHIFT])
+    r.skip_strings(token_id & ((1 << _CHECKPOINT_SHIFT) - 1))
+    return r.string(MAX_STRING_VALUE_LEN)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def read_gguf(path: str | Path) -> GGUFInfo:
+    """Read a GGUF file's header; raise GGUFError for anything that is not a sound GGUF."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            return _parse(_Reader(f, path, size))
+    except OSError as exc:
+        raise GGUFError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _parse(r: _Reader) -> GGUFInfo:
+    path = r.path
+    if r.size < 4 or r.raw(4) != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file")
+    r.where = "version"
+    version = r.u32()
+    if version & 0xFFFF == 0 and (version >> 16) != 0:
+        raise GGUFError(f"{path}: big-endian GGUF files are not supported")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (only versions 2 and 3)")
+
+    r.where = "counts"
+    n_tensors = r.u64()
+    n_kv = r.u64()
+    if n_kv > MAX_KV:
+        raise GGUFError(f"{path}: implausible key-value count {n_kv} (limit {MAX_KV})")
+    if n_tensors > MAX_TENSORS:
+        raise GGUFError(f"{path}: implausible tensor count {n_tensors} (limit {MAX_TENSORS})")
+    # Smallest possible KV: 8 (key length) + 1 (key) + 4 (type) + 1 (u8 value); smallest
+    # tensor info: 8 + 1 (name) + 4 (n_dims) + 4 (type) + 8 (offset).
+    r.where = f"the header ({n_kv} key-value pairs, {n_tensors} tensors)"
+    if n_kv * 14 + n_tensors * 25 > r.remaining:
+        raise r.truncated(r.pos + n_kv * 14 + n_tensors * 25)
+
+    metadata: dict[str, object] = {}
+    vocab = _Vocab()
+    for i in range(n_kv):
+        r.where = f"key-value pair {i}"
+        key = r.string(MAX_KEY_LEN)
+        if not key:
+            raise r.error("empty key")
+        if key in metadata:
+            raise r.error(f"duplicate key {key!r}")
+        r.where = f"key {key!r}"
+        metadata[key] = _read_value(r, r.u32(), key, vocab)
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: general.alignment {alignment!r} is not a power of two")
+
+    tensors: list[TensorInfo] = []
+    seen: set[str] = set()
+    n_params = 0
+    for i in range(n_tensors):
+        r.where = f"tensor info {i}"
+        name = r.string(MAX_KEY_LEN)
+        if name in seen:
+            raise r.error(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        r.where = f"tensor {name!r}"
+        n_dims = r.u32()
+        if n_dims > MAX_DIMS:
+            raise r.error(f"tensor has {n_dims} dimensions (at most {MAX_DIMS})")
+        shape = tuple(r.u64() for _ in range(n_dims))
+        n_elements = 1
+        for dim in shape:
+            n_elements *= dim
+            if dim > INT64_MAX or n_elements > INT64_MAX:
+                raise r.error(f"tensor shape {shape} overflows 64 bits")
+        type_id = r.u32()
+        offset = r.u64()
+        known = TENSOR_TYPES.get(type_id)
+        if known is None:
+            type_name, n_bytes = f"TYPE{type_id}", None
+        else:
+            type_name, block, type_size = known
+            if shape and shape[0] % block:
+                raise r.error(f"row length {shape[0]} is not a multiple of the {type_name} block size {block}")
+            n_bytes = n_elements // block * type_size
+        tensors.append(TensorInfo(name, shape, type_name, offset, n_elements, n_bytes))
+        n_params += n_elements
+
+    data_offset = r.pos
+    if n_tensors:
+        data_offset += -data_offset % alignment
+    data_size = r.size - data_offset
+    for t in tensors:
+        if t.n_bytes is not None and t.offset + t.n_bytes > data_size:
+            r.where = f"the data of tensor {t.name!r}"
+            raise r.truncated(data_offset + t.offset + t.n_bytes)
+
+    bos_id = _int_or_none(metadata.get("tokenizer.ggml.bos_token_id"))
+    eos_id = _int_or_none(metadata.get("tokenizer.ggml.eos_token_id"))
+    eot_id = _int_or_none(metadata.get("tokenizer.ggml.eot_token_id"))
+    bos, eos, eot = (_token_text(r, vocab, t) for t in (bos_id, eos_id, eot_id))
+
+    arch = _str_or_none(metadata.get("general.architecture"))
+    split_no = _int_or_none(metadata.get("split.no"))
+    split_count = _int_or_none(metadata.get("split.count"))
+    return GGUFInfo(
+        path=path,
+        file_size=r.size,
+        version=version,
+        architecture=arch,
+        name=_str_or_none(metadata.get("general.name")),
+        metadata=metadata,
+        n_tensors=n_tensors,
+        n_params=n_params,
+        file_type=_file_type(metadata.get("general.file_type"), tensors),
+        context_length=_int_or_none(metadata.get(f"{arch}.context_length")) if arch else None,
+        chat_template=_str_or_none(metadata.get("tokenizer.chat_template")),
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        eot_token_id=eot_id,
+        bos_token=bos,
+        eos_token=eos,
+        eot_token=eot,
+        license=_str_or_none(metadata.get("general.license")),
+        split=(split_no, split_count) if split_no is not None and split_count is not None else None,
+        alignment=alignment,
+        data_offset=data_offset,
+        tensors=tuple(tensors),
+    )
+
+
+def _file_type(ftype: object, tensors: list[TensorInfo]) -> str | None:
+    """general.file_type's quant name, else the most common type among the weight matrices."""
+    if isinstance(ftype, int) and not isinstance(ftype, bool):
+        name = FILE_TYPES.get(ftype & ~_FTYPE_GUESSED)
+        if name is not None:
+            return name
+    # 1-D tensors (norms, biases) stay F32 in every quant, so they do not count.
+    counts = Counter(t.type for t in tensors if len(t.shape) >= 2) or Counter(t.type for t in tensors)
+    return counts.most_common(1)[0][0] if counts else None
