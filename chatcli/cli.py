@@ -327,7 +327,7 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
       chatcli complete "The quick brown fox"
       cat notes.txt | chatcli complete "Summary:" | tee out.txt
     """
-    from chatcli import completing
+    from chatcli import completing, console
     from chatcli.errors import UsageError
 
     if as_json and as_jsonl:
@@ -348,7 +348,7 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     ref, engine = _open_engine(model, pull, load_options)
     mode = "json" if as_json else "jsonl" if as_jsonl else "text"
-    completing.run(engine, ref, request, completing.Output(sys.stdout, mode=mode, echo=echo))
+    completing.run(engine, ref, request, completing.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
 
 
 # ---------------------------------------------------------------- entry point

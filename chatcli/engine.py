@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -161,8 +162,6 @@ def physical_cores() -> int:
 @contextmanager
 def _quiet_fds(verbose: bool) -> Iterator[None]:
     """Keep C-level prints off stdout (it carries only the product) and silence stderr unless --verbose."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved_out = os.dup(1)
@@ -348,15 +347,29 @@ class LlamaEngine:
         return Generation(self._run(prompt, options, result), result)
 
     def _grammar(self, source: str | None):  # type: ignore[no-untyped-def]
+        """A LlamaGrammar, checked first: llama.cpp's sampler crashes on a grammar that does not parse."""
         if source is None:
             return None
+        import tempfile
+
+        import llama_cpp
         from llama_cpp import LlamaGrammar
 
-        try:
-            with _quiet_fds(self.verbose):
-                return LlamaGrammar.from_string(source, verbose=self.verbose)
-        except (ValueError, RuntimeError) as exc:
-            raise UsageError(f"invalid grammar: {exc}") from exc
+        with tempfile.TemporaryFile() as log:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, source.encode("utf-8"), b"root")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            if not sampler:
+                log.seek(0)
+                reason = " ".join(log.read().decode("utf-8", "replace").split())[:200] or "it does not parse"
+                raise UsageError(f"invalid grammar: {reason}")
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(source, verbose=self.verbose)
 
     def _run(self, prompt: list[int], options: SamplingOptions, result: GenerationResult) -> Iterator[str]:
         llm = self._llm
