@@ -1,14 +1,14 @@
 """Chat templates: turn chat messages into the prompt text a model expects, plus its stop strings.
 
 A GGUF's `tokenizer.chat_template` is untrusted code (CVE-2024-34359). It is rendered only in jinja2's
-ImmutableSandboxedEnvironment, set up like transformers' `apply_chat_template` (trim/lstrip blocks,
-`raise_exception`, `strftime_now`, `tojson`, loop controls), and every render runs under a budget: at most
-RENDER_TIMEOUT_S seconds, and no value or output over MAX_CHARS characters. The sandbox stops escapes;
-the budget stops a template that loops forever or builds huge strings. Both surface as TemplateError.
+ImmutableSandboxedEnvironment, set up as transformers' `apply_chat_template` sets it up (trim/lstrip
+blocks, loop controls, `raise_exception`, `strftime_now`, `tojson`), and each render runs on a budget:
+RENDER_TIMEOUT_S seconds, and no value or output over MAX_CHARS characters. The sandbox stops escapes, the
+budget stops endless loops and huge strings; either way the caller gets a TemplateError.
 
-BOS: the rendered text starts with the BOS text exactly when the template emits it (`{{ bos_token }}`,
-as llama2, llama3, gemma and mistral do). `ChatFormat.renders_bos()` says so; the engine must then
-tokenize with special tokens parsed and without adding a second BOS.
+BOS: the rendered text starts with the BOS text exactly when the template emits it (`{{ bos_token }}`, as
+llama2, llama3, gemma and mistral do). `ChatFormat.renders_bos()` says so; the engine must then tokenize
+with special tokens parsed and without adding a second BOS.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import loopcontrols
 from jinja2.runtime import Context, Undefined
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, pass_context
 from jinja2.visitor import NodeTransformer
 
@@ -38,7 +39,8 @@ Message = dict[str, str]
 RENDER_TIMEOUT_S = 1.0
 MAX_CHARS = 10_000_000  # a rendered prompt, or any one value built on the way
 MAX_PRODUCED = 5 * MAX_CHARS  # all text emitted in one render, captured blocks and macros included
-MAX_INT_ARG = 100_000  # widths, counts: no chat template needs more
+MAX_ITEMS = 1_000_000  # elements in a list or tuple built by + or *
+MAX_INT_ARG = 100_000  # widths and counts; no chat template needs more
 MAX_INT_BITS = 100_000
 _SAMPLE: list[Message] = [
     {"role": "user", "content": "Hello"},
@@ -48,11 +50,11 @@ _SAMPLE: list[Message] = [
 
 
 class _LimitExceeded(Exception):
-    pass
+    """The template went over its time or size budget."""
 
 
 class _RaisedByTemplate(Exception):
-    pass
+    """The template called raise_exception()."""
 
 
 @dataclass
@@ -79,8 +81,8 @@ def _weight(obj: Any) -> int:
             total += len(item)
         elif isinstance(item, int):
             total += item.bit_length() // 3 + 1
-        elif isinstance(item, Namespace):
-            stack.append(item._Namespace__attrs)  # type: ignore[attr-defined]  # its repr shows them
+        elif isinstance(item, Namespace):  # its repr shows its attributes
+            stack.append(item._Namespace__attrs)
         elif isinstance(item, Collection) and not isinstance(item, Undefined):
             total += 2 + len(item)
             if total <= MAX_CHARS:
@@ -91,12 +93,23 @@ def _weight(obj: Any) -> int:
 
 
 def _check(value: Any) -> Any:
+    """Refuse a value whose text would be too long; cheap for strings, a walk for containers."""
     if _weight(value) > MAX_CHARS:
         raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
     return value
 
 
-# Operations whose output can be many times their input; each gets an upper bound checked first.
+def _check_result(value: Any) -> Any:
+    """Refuse a result that is already too big; containers are weighed later, where they become text."""
+    if isinstance(value, (str, bytes)) and len(value) > MAX_CHARS:
+        raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise _LimitExceeded("built a number too large")
+    return value
+
+
+# Calls whose output can be many times their input, and how many units their input has: each unit can grow
+# by the size of the other arguments (or by an int argument, for widths). That bound is checked first.
 _UNITS: dict[str, Callable[[Any, tuple[Any, ...]], int]] = {
     "replace": lambda s, p: s.count(p[0]) + 1 if p and isinstance(p[0], str) else len(s) + 1,
     "indent": lambda s, p: s.count("\n") + 1,
@@ -108,23 +121,32 @@ _UNITS: dict[str, Callable[[Any, tuple[Any, ...]], int]] = {
     "wordwrap": lambda s, p: len(s) + 1,
     "urlize": lambda s, p: len(s) + 1,
 }
+_WIDTH_ARGS = {"center", "ljust", "rjust", "zfill", "indent", "expandtabs", "slice"}
+# Calls that never turn their arguments into text: no need to weigh them (which costs a walk each time).
+_KEEPS_VALUES = {
+    "length", "count", "list", "first", "last", "sort", "unique", "reverse", "batch", "slice", "groupby",
+    "select", "reject", "selectattr", "rejectattr", "map", "attr", "dictsort", "items", "keys", "values",
+    "get", "index", "min", "max", "sum", "default", "d", "int", "float", "abs", "round", "random", "tojson",
+}
 
 
 def _check_call(name: str, subject: Any, params: tuple[Any, ...]) -> None:
     """Refuse a call whose arguments or likely output break the budget, before it runs."""
     _tick()
-    _check(subject)
-    for param in params:
-        _check(param)
-        if isinstance(param, int) and abs(param) > MAX_INT_ARG:
-            raise _LimitExceeded(f"passed {name or 'a call'} a number over {MAX_INT_ARG:,}")
+    if name not in _KEEPS_VALUES:
+        for value in (subject, *params):
+            _check(value)
+    ints = [param for param in params if isinstance(param, int)]
+    if name in _WIDTH_ARGS and any(abs(i) > MAX_INT_ARG for i in ints):
+        raise _LimitExceeded(f"passed {name} a number over {MAX_INT_ARG:,}")
     units = _UNITS.get(name)
     if units is None or not isinstance(subject, Iterable if name == "join" else str):
         return
-    per_unit = sum(p if name in ("indent", "expandtabs") else 0 for p in params if isinstance(p, int))
-    per_unit += sum(_weight(p) for p in params if not isinstance(p, int))
-    if name.startswith("format") and isinstance(subject, str):
+    per_unit = sum(_weight(param) for param in params if not isinstance(param, int))
+    if isinstance(subject, str) and name.startswith("format"):  # widths written in the format string
         per_unit += max((int(d) if len(d) < 9 else MAX_CHARS for d in re.findall(r"\d+", subject)), default=0)
+    if name in ("indent", "expandtabs") or name == "format" and "*" in subject:
+        per_unit += max(ints, default=0)
     if _weight(subject) + units(subject, params) * per_unit > MAX_CHARS:
         raise _LimitExceeded(f"asked {name} for over {MAX_CHARS:,} characters")
 
@@ -132,17 +154,18 @@ def _check_call(name: str, subject: Any, params: tuple[Any, ...]) -> None:
 def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)  # keeps jinja's pass_context/pass_eval_context marks
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        rest = args[1:] if args and isinstance(args[0], (Context, nodes.EvalContext, jinja2.Environment)) else args
+        passed = args and isinstance(args[0], (Context, nodes.EvalContext, jinja2.Environment))
+        rest = args[1:] if passed else args
         _check_call(name, rest[0] if rest else None, (*rest[1:], *kwargs.values()))
-        return _check(func(*args, **kwargs))
+        return _check_result(func(*args, **kwargs))
 
     return guarded
 
 
-@pass_context  # pass_context also stops jinja from running these at compile time
+@pass_context  # pass_context also keeps jinja from running these at compile time
 def _guard_out(context: Context, value: Any) -> str:
     _tick()
-    text = str(_check(value))
+    text = value if isinstance(value, str) else str(_check(value))
     budget = _budget.get()
     if budget is not None:
         budget.produced += len(text)
@@ -160,16 +183,34 @@ def _guard_iter(context: Context, iterable: Any) -> Iterator[Any]:
 
 @pass_context
 def _guard_concat(context: Context, parts: list[Any]) -> str:
-    _check(parts)
-    return "".join(str(part) for part in parts)
+    return "".join(str(part) for part in _check(parts))
 
 
-def _filter(node: nodes.Expr, name: str) -> nodes.Filter:
+def _fail_if_refused(method: Callable[..., Any]) -> Callable[..., Any]:
+    def checked(self: Undefined, *args: Any) -> Any:
+        if self._undefined_exception is SecurityError:
+            self._fail_with_undefined_error()
+        return method(self, *args)
+
+    return checked
+
+
+class _Undefined(Undefined):
+    """Lenient about missing names, as transformers is, but a refused attribute fails wherever it is used."""
+
+    __slots__ = ()
+    __str__ = _fail_if_refused(Undefined.__str__)
+    __bool__ = _fail_if_refused(Undefined.__bool__)
+    __iter__ = _fail_if_refused(Undefined.__iter__)
+    __len__ = _fail_if_refused(Undefined.__len__)
+
+
+def _filter(node: nodes.Node, name: str) -> nodes.Filter:
     return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
 class _AddGuards(NodeTransformer):
-    """Route every loop, `~` and output through the budget checks above."""
+    """Send every loop, `~` and output through the budget checks."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
@@ -190,9 +231,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"+", "*", "**", "%"})
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = _AddGuards().visit(super()._parse(source, name, filename))
+        tree: nodes.Template = _AddGuards().visit(super()._parse(source, name, filename))
         tree.set_environment(self)
-        return tree  # type: ignore[no-any-return]
+        return tree
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _tick()
@@ -204,31 +245,29 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
-        name, subject = getattr(method, "__name__", ""), getattr(method, "__self__", None)
-        if name == "join" and isinstance(subject, str) and args:
-            subject, args_for_check = args[0], (subject, *args[1:])
-        else:
-            args_for_check = args
-        _check_call(name if subject is not None else "", subject, (*args_for_check, *kwargs.values()))
-        return _check(super().call(context, obj, *args, **kwargs))
+        name, subject, params = getattr(method, "__name__", ""), getattr(method, "__self__", None), args
+        if name == "join" and isinstance(subject, str) and args:  # sep.join(items): the items are the input
+            subject, params = args[0], (subject, *args[1:])
+        _check_call(name if subject is not None else "", subject, (*params, *kwargs.values()))
+        return _check_result(super().call(context, obj, *args, **kwargs))
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         _tick()
-        if operator == "*" and isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-                raise _LimitExceeded("built a number too large")
-        elif operator == "*":
-            seq, times = (right, left) if isinstance(left, int) else (left, right)
-            if isinstance(times, int) and _weight(seq) * max(times, 0) > MAX_CHARS:
-                raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
-        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() * max(right, 0) > MAX_INT_BITS:
+        if operator in ("*", "**") and isinstance(left, int) and isinstance(right, int):
+            bits = left.bit_length() + right.bit_length() if operator == "*" else left.bit_length() * right
+            if bits > MAX_INT_BITS:
                 raise _LimitExceeded("built a number too large")
         elif operator == "%" and isinstance(left, str):
             _check_call("format", left, right if isinstance(right, tuple) else (right,))
-        elif operator == "+" and _weight(left) + _weight(right) > MAX_CHARS:
-            raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
-        return _check(super().call_binop(context, operator, left, right))
+        elif operator in ("*", "+"):  # refuse before building: a list of references can be huge and cheap
+            seq, other = (right, left) if isinstance(left, int) else (left, right)
+            if isinstance(seq, Sized) and isinstance(other, (int, Sized)):
+                size = len(seq) * other if isinstance(other, int) else len(seq) + len(other)
+                if isinstance(seq, str) and size > MAX_CHARS:
+                    raise _LimitExceeded(f"built a value over {MAX_CHARS:,} characters")
+                if not isinstance(seq, str) and size > MAX_ITEMS:
+                    raise _LimitExceeded(f"built a sequence over {MAX_ITEMS:,} items")
+        return _check_result(super().call_binop(context, operator, left, right))
 
 
 def _raise_exception(message: str) -> None:
@@ -241,7 +280,7 @@ def _strftime_now(fmt: str) -> str:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
             sort_keys: bool = False) -> str:
-    if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
+    if (len(indent) if isinstance(indent, str) else indent or 0) > 64:
         raise _LimitExceeded("asked tojson for an indent over 64")
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                                sort_keys=sort_keys)
@@ -256,11 +295,11 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separato
 
 @functools.cache
 def _environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], undefined=_Undefined)
     env.filters["tojson"] = _tojson
     env.filters = {name: _guard_filter(name, func) for name, func in env.filters.items()}
     env.filters.update(_guard_out=_guard_out, _guard_iter=_guard_iter, _guard_concat=_guard_concat)
-    env.globals.pop("lipsum", None)  # lipsum(n) costs time in proportion to n
+    env.globals.pop("lipsum", None)  # lipsum(n) takes time in proportion to n
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env
 
@@ -285,7 +324,7 @@ def _describe(exc: Exception) -> str:
 
 def render_template(source: str, messages: list[Message], *, add_generation_prompt: bool = True,
                     bos_token: str = "", eos_token: str = "") -> str:
-    """Render a chat template in the sandbox, under the time and size budget; TemplateError on any failure."""
+    """Render a chat template in the sandbox, on the time and size budget; TemplateError on any failure."""
     token = _budget.set(_Budget(time.monotonic() + RENDER_TIMEOUT_S))
     try:
         text = _compile(source).render(
@@ -293,7 +332,7 @@ def render_template(source: str, messages: list[Message], *, add_generation_prom
             add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
             tools=None, documents=None,
         )
-    except Exception as exc:  # the template is untrusted code: any failure becomes one clear error
+    except Exception as exc:  # the template is untrusted code: whatever it does wrong, one clear error
         raise TemplateError(_describe(exc)) from exc
     finally:
         _budget.reset(token)
@@ -325,50 +364,54 @@ _SPLIT_SYSTEM = (
     "{%- if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}\n"
 )
-_ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_ALPACA = (
+    "Below is an instruction that describes a task."
+    " Write a response that appropriately completes the request."
 )
-# name: (source, stop strings, default BOS text, default EOS text); the model's own tokens win over defaults.
+# name: (source, stop strings, usual BOS text, usual EOS text); the model's own tokens win over those.
 _BUILTINS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
-    "chatml": (r"""{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}
-{%- endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}""", ("<|im_end|>",), "", ""),
+    "chatml": (r"""{%- for m in messages %}
+{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}""", ("<|im_end|>",), "", ""),
     # Meta's Llama 2 chat format: the system prompt goes inside the first [INST] block.
     "llama2": (_SPLIT_SYSTEM + r"""{%- for m in turns %}{% if m['role'] == 'user' %}
 {%- set content = ('<<SYS>>\n' + system + '\n<</SYS>>\n\n' if loop.first and system else '') + m['content'] %}
 {{- bos_token + '[INST] ' + content | trim + ' [/INST]' }}
-{%- elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}""",
-               ("</s>",), "<s>", "</s>"),
-    "llama3": (r"""{%- for m in messages %}{{ (bos_token if loop.first else '') + '<|start_header_id|>' + m['role']
-+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}
+{%- elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}
+{%- endfor %}""", ("</s>",), "<s>", "</s>"),
+    "llama3": (r"""{%- for m in messages %}{{ (bos_token if loop.first else '') + '<|start_header_id|>'
++ m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}
 {%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}""",
                ("<|eot_id|>",), "<|begin_of_text|>", ""),
-    # Gemma 3's format: no system role, so the system prompt opens the first user turn.
+    # Gemma 3's format: there is no system role, so the system prompt opens the first user turn.
     "gemma": ("{{- bos_token }}" + _SPLIT_SYSTEM + r"""{%- for m in turns %}
 {{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n'
 + (system + '\n\n' if loop.first and system else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}
 {%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}""", ("<end_of_turn>",), "<bos>", ""),
     # Phi-3.5-mini-instruct's format.
-    "phi3": (r"""{%- for m in messages %}{% if m['role'] in ('system', 'user', 'assistant') and m['content'] %}
+    "phi3": (r"""{%- for m in messages %}
+{%- if m['role'] in ('system', 'user', 'assistant') and m['content'] %}
 {{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endif %}{% endfor %}
 {%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}""",
              ("<|end|>",), "", "<|endoftext|>"),
-    # Mistral-7B-Instruct-v0.1's format; a system prompt opens the first user turn, as later Mistrals do.
+    # Mistral-7B-Instruct-v0.1's format; a system prompt opens the first user turn, as in later Mistrals.
     "mistral": ("{{- bos_token }}" + _SPLIT_SYSTEM + r"""{%- for m in turns %}{% if m['role'] == 'user' %}
 {{- '[INST] ' + (system + '\n\n' if loop.first and system else '') + m['content'] + ' [/INST]' }}
 {%- elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}""",
                 ("</s>",), "<s>", "</s>"),
     # Stanford Alpaca's prompt, continued turn by turn; a system message replaces the preamble.
-    "alpaca": (_SPLIT_SYSTEM + "{{- (system or '" + _ALPACA_PREAMBLE + r"""') + '\n\n' }}{% for m in turns %}{% if m['role'] == 'user' %}
-{{- '### Instruction:\n' + m['content'] + '\n\n' }}{% elif m['role'] == 'assistant' %}
-{{- '### Response:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}
+    "alpaca": (_SPLIT_SYSTEM + "{{- (system or '" + _ALPACA + r"""') + '\n\n' }}{% for m in turns %}
+{%- if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}
+{%- elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}
 {%- if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}""", ("### Instruction:",), "", ""),
-    # A plain transcript for base models: the system text, then "User: ..." / "Assistant: ..." lines.
+    # A plain transcript for base models: the system text, then "User: ..." and "Assistant: ..." lines.
     "plain": (r"""{%- for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}
-{%- elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}{% else %}{{ 'Assistant: ' + m['content'] + '\n' }}
-{%- endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}""", ("\nUser:",), "", ""),
+{%- elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}
+{%- else %}{{ 'Assistant: ' + m['content'] + '\n' }}{% endif %}{% endfor %}
+{%- if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}""", ("\nUser:",), "", ""),
 }
 BUILTIN_NAMES: tuple[str, ...] = tuple(_BUILTINS)
-# End-of-turn markers that, found in a GGUF template, are stop strings.
+# End-of-turn markers that, found in a GGUF template, become stop strings.
 _MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
             "<|END_OF_TURN_TOKEN|>", "<｜end▁of▁sentence｜>")
 
@@ -378,16 +421,16 @@ def _unique(strings: Iterable[str]) -> tuple[str, ...]:
 
 
 def builtin_format(name: str, *, bos_token: str = "", eos_token: str = "") -> ChatFormat:
-    """A built-in format; `bos_token`/`eos_token` are the model's, when known, else the family's usual ones."""
+    """A built-in format, with the model's BOS/EOS texts where known, else the family's usual ones."""
     if name not in _BUILTINS:
         raise TemplateError(f"unknown chat template {name!r}: choose one of {', '.join(BUILTIN_NAMES)}")
-    source, stops, default_bos, default_eos = _BUILTINS[name]
-    bos, eos = bos_token or default_bos, eos_token or default_eos
+    source, stops, usual_bos, usual_eos = _BUILTINS[name]
+    bos, eos = bos_token or usual_bos, eos_token or usual_eos
     return ChatFormat(name, source, bos, eos, _unique((*stops, eos)))
 
 
 def _builtin_for(architecture: str | None, eos_token: str, eot_token: str) -> str:
-    """The built-in a model without a usable template most likely wants: its end-of-turn token, else its family."""
+    """The built-in a model most likely wants: by its end-of-turn token, else by its family."""
     by_token = {"<|im_end|>": "chatml", "<|eot_id|>": "llama3", "<end_of_turn>": "gemma", "<|end|>": "phi3"}
     for token in (eot_token, eos_token):
         if token in by_token:
@@ -398,35 +441,37 @@ def _builtin_for(architecture: str | None, eos_token: str, eot_token: str) -> st
     for prefix, name in (("gemma", "gemma"), ("phi3", "phi3"), ("mistral", "mistral"), ("llama", "llama2")):
         if arch.startswith(prefix):
             return name
-    return "chatml"  # qwen, smollm and most recent instruction models
+    return "chatml"  # qwen, smollm and most recent instruction-tuned models
 
 
-def choose_format(*, requested: str | None, gguf_template: str | None, architecture: str | None,
-                  bos_token: str = "", eos_token: str = "", eot_token: str = "") -> tuple[ChatFormat, str | None]:
+def choose_format(
+    *, requested: str | None, gguf_template: str | None, architecture: str | None,
+    bos_token: str = "", eos_token: str = "", eot_token: str = "",
+) -> tuple[ChatFormat, str | None]:
     """The format to chat with, and a warning for the user when it is a guess.
 
     `requested`: None or "auto" (the GGUF's template, else a built-in picked from the model), "gguf" (the
-    GGUF's template or an error), or a built-in name. A GGUF template that fails a sample render, unsafe or
-    broken, is replaced by a built-in, with a warning that says why.
+    GGUF's template or an error), or a built-in name. A GGUF template that fails a sample render, being
+    unsafe or broken, gives way to a built-in, with a warning that says why.
     """
     if requested not in (None, "auto", "gguf"):
         chosen = builtin_format(requested, bos_token=bos_token, eos_token=eos_token)
         return replace(chosen, stop=_unique((*chosen.stop, eot_token))), None
-    fallback_name = _builtin_for(architecture, eos_token, eot_token)
-    fallback = builtin_format(fallback_name, bos_token=bos_token, eos_token=eos_token)
+    name = _builtin_for(architecture, eos_token, eot_token)
+    fallback = builtin_format(name, bos_token=bos_token, eos_token=eos_token)
     fallback = replace(fallback, stop=_unique((*fallback.stop, eot_token)))
     if gguf_template and gguf_template.strip():
-        markers = (marker for marker in _MARKERS if marker in gguf_template)
-        own = ChatFormat("gguf", gguf_template, bos_token, eos_token, _unique((*markers, eos_token, eot_token)))
+        stop = _unique((*(m for m in _MARKERS if m in gguf_template), eos_token, eot_token))
+        own = ChatFormat("gguf", gguf_template, bos_token, eos_token, stop)
         try:
             if _SAMPLE[-1]["content"] not in own.render(_SAMPLE):
                 raise TemplateError("chat template leaves out the messages")
         except TemplateError as exc:
             if requested == "gguf":
                 raise
-            return fallback, f"the model's chat template is unsafe or invalid ({exc}); using {fallback_name!r}"
+            return fallback, f"the model's chat template is unsafe or invalid ({exc}); using {name!r}"
         return own, None
     if requested == "gguf":
         raise TemplateError(f"the model has no chat template: name one of {', '.join(BUILTIN_NAMES)}")
-    return fallback, (f"model has no chat template; using {fallback_name!r}"
+    return fallback, (f"model has no chat template; using {name!r}"
                       " — it may be a base model that does not follow instructions")

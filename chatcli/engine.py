@@ -431,6 +431,56 @@ class LlamaEngine:
             tokens.close()
             result.text = "".join(parts)
 
+    # -------------------------------------------------------- state (KV cache) snapshots
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the context now (what a snapshot would hold)."""
+        return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
+
+    def save_state(self, path: Path) -> int:
+        """Write the context's state for its current tokens to `path`; returns the token count."""
+        import llama_cpp
+
+        tokens = self.cached_tokens
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        if not llama_cpp.llama_state_save_file(self._llm._ctx.ctx, str(path).encode(), array, len(tokens)):
+            raise OSError(f"llama.cpp could not write a state file to {path}")
+        return len(tokens)
+
+    def load_state(self, path: Path) -> list[int]:
+        """Restore a state written by save_state (same model and context size); returns its tokens.
+
+        Raises ValueError when llama.cpp refuses the file (other model, damaged); the context is then reset.
+        """
+        import llama_cpp
+
+        capacity = self.n_ctx
+        array = (llama_cpp.llama_token * capacity)()
+        count = ctypes.c_size_t(0)
+        with _quiet_fds(self.verbose):
+            ok = llama_cpp.llama_state_load_file(self._llm._ctx.ctx, str(path).encode(), array, capacity,
+                                                 ctypes.byref(count))
+        if not ok or count.value > capacity:
+            self.reset()
+            raise ValueError(f"llama.cpp refused the state file {path}")
+        tokens = list(array[: count.value])
+        self._llm.input_ids[: len(tokens)] = tokens
+        self._llm.n_tokens = len(tokens)
+        self._llm._requires_eval = True  # the restored logits are not trusted: re-read the last token
+        return tokens
+
+    def reset(self) -> None:
+        """Forget the context (the next generation reads its whole prompt)."""
+        self._llm.reset()
+        self._llm._ctx.kv_cache_clear()
+
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first n_tokens of the context."""
+        if n_tokens < self._llm.n_tokens:
+            self._llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+            self._llm.n_tokens = n_tokens
+
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
