@@ -17,9 +17,11 @@ from chatcli.registry import ModelRef
 DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-def join_prompt(text: str | None, stdin_text: str | None) -> str:
+def join_prompt(text: str | None, stdin_text: str | None, *, allow_empty: bool = False) -> str:
     """Piped stdin, then TEXT, joined with a blank line; either alone works; neither is a usage error."""
     parts = [p for p in (stdin_text, text) if p is not None and p.strip()]
+    if not parts and allow_empty:
+        return ""
     if not parts:
         raise UsageError("no prompt: give TEXT or pipe text on stdin (e.g. `echo hi | chatcli complete`)")
     # stdin first: `cat notes.txt | chatcli complete "Summary:"` asks the model to continue after "Summary:"

@@ -17,7 +17,8 @@ GREEDY = ["--temperature", "0"]
 
 
 def test_greedy_output_is_identical_across_runs_and_sensible(chatcli, smollm2: Path) -> None:
-    args = ["complete", "-m", str(smollm2), "--chat", "What is the capital of France? Answer in one sentence.", "-n", "24", *GREEDY]
+    question = "What is the capital of France? Answer in one sentence."
+    args = ["complete", "-m", str(smollm2), "--chat", question, "-n", "24", *GREEDY]
     first, second = chatcli(*args), chatcli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout

@@ -1,0 +1,87 @@
+"""Putting a chat together: model, chat format, history, snapshots, prompt template; then the REPL or a line loop."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from chatcli import config, console, paths
+from chatcli.conversation import ChatSession
+from chatcli.errors import HistoryError
+
+
+def model_identity(path: Path) -> str:
+    """What a snapshot is keyed by: the blob's sha256 for cached models, else the file's path, size and mtime."""
+    real = path.resolve()
+    if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    st = real.stat()
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def start(
+    *,
+    model: str | None,
+    system: str | None,
+    prompt_template: str | None,
+    chat_template: str | None,
+    continue_latest: bool,
+    conversation_id: str | None,
+    history: bool,
+    open_engine: Callable[[str | None], tuple[Any, Any]],
+    load_options: Any,
+) -> int:
+    from chatcli import runner
+    from chatcli.history import History
+
+    settings: dict[str, Any] = {}
+    if prompt_template:
+        from chatcli import prompt_templates
+
+        template = prompt_templates.load_template(prompt_template)
+        system = system or template.system
+        model = model or template.model
+        settings.update({k: v for k, v in template.options.items() if k != "stop"})
+
+    store = History() if history else None
+    resume = None
+    if store is not None and (continue_latest or conversation_id):
+        resume = store.get(conversation_id) if conversation_id else store.latest()
+        if resume is None:
+            raise HistoryError("no conversation to continue yet: start one with `chatcli chat`")
+        model = model or resume.model
+
+    def load(ref_text: str | None) -> tuple[Any, Any, str, str]:
+        ref, engine = open_engine(ref_text)
+        fmt, warning = runner.chat_format(engine, ref, chat_template)
+        if warning:
+            console.warn(warning)
+        return engine, fmt, ref.display, model_identity(engine.path)
+
+    engine, fmt, label, model_id = load(model)
+    snapshots = None
+    if store is not None and config.get("snapshots"):
+        from chatcli.snapshots import SnapshotStore
+
+        snapshots = SnapshotStore()
+    session = ChatSession(engine=engine, fmt=fmt, model_label=label, history=store, system=system,
+                          settings=settings, snapshots=snapshots, model_id=model_id, template_name=prompt_template)
+    if resume is not None:
+        session.load(resume.id)
+    from chatcli.repl import Repl
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    repl = Repl(session, load_model=lambda ref_text: load(ref_text),
+                input_history=paths.data_dir() / "input_history" if interactive else None)
+    try:
+        if interactive:
+            return repl.run()
+        return repl.run_lines(sys.stdin)
+    finally:
+        if store is not None:
+            store.close()
+        engine = session.engine
+        if hasattr(engine, "close"):
+            engine.close()

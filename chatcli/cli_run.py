@@ -1,0 +1,237 @@
+"""Commands that run a model: complete, chat, bench (registered on the `cli` group)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from chatcli.cli import ChatcliError, _ref, cli  # noqa: F401 - _ref used by helpers
+
+
+def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
+    """Options shared by every command that loads a model."""
+    options = [
+        click.option("-m", "--model", "model", metavar="REF", help="Model to use (default: `chatcli config show`)."),
+        click.option("--pull", "pull", is_flag=True, help="Download the model first if it is missing."),
+        click.option("-c", "--ctx-size", type=int, help="Context window in tokens (default: the model's, capped)."),
+        click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", default=None, metavar="auto|all|N", help="Layers to offload to the GPU."),
+        click.option("--flash-attn/--no-flash-attn", default=None, help="Use flash attention."),
+        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log and load details on stderr."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose):  # noqa: ANN001, ANN202
+    from chatcli import config
+    from chatcli.runner import LoadOptions
+
+    if ctx_size is not None and ctx_size < 16:
+        raise click.BadParameter("must be 16 or more", param_hint="--ctx-size")
+    if threads is not None and threads < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--threads")
+    settings = config.effective()
+    return LoadOptions(
+        ctx_size=ctx_size or settings["ctx_size"].value,
+        threads=threads or settings["threads"].value,
+        gpu_layers=gpu_layers or settings["gpu_layers"].value,
+        flash_attn=settings["flash_attn"].value if flash_attn is None else flash_attn,
+        verbose=verbose,
+    )
+
+
+def _ask_to_pull(ref) -> bool:  # noqa: ANN001
+    """On a terminal, offer to download a missing model once; elsewhere, never ask."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    from chatcli import console
+
+    size = ""
+    mirror = next((m for m in (ref.spec.mirrors if ref.spec else ()) if m.quant == ref.quant and m.size), None)
+    if mirror is not None:
+        size = f" ({console.size(mirror.size)})"
+    return click.confirm(f"{ref.display} is not downloaded. Download it{size} now?", default=True, err=True)
+
+
+def _open_engine(model_ref_text, pull, load_options):  # noqa: ANN001, ANN202
+    from chatcli import console, runner
+
+    ref = runner.resolve(model_ref_text)
+
+    def pulled(result) -> None:  # noqa: ANN001
+        via = "" if result.source == "hub" else f" from {result.source}"
+        console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
+
+    path = runner.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
+                                 on_pulled=pulled)
+    engine = runner.load(ref, path, load_options)
+    if load_options.verbose:
+        where = f"GPU ({engine.gpu_layers if engine.gpu_layers >= 0 else 'all'} layers)" \
+            if engine.gpu_layers else "CPU"
+        console.info(f"loaded {path.name} in {engine.load_seconds:.2f}s on {where}: "
+                     f"ctx {engine.n_ctx}, {engine.n_threads} threads")
+    return ref, engine
+
+
+def _read_stdin() -> str | None:
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", errors="replace")
+
+
+def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | None:
+    from chatcli.errors import UsageError
+
+    if grammar_file and json_schema:
+        raise UsageError("use either --grammar or --json-schema, not both")
+    if grammar_file:
+        try:
+            return open(grammar_file, encoding="utf-8").read()  # noqa: SIM115
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"invalid value for --grammar: cannot read {grammar_file}: {exc}") from exc
+    if json_schema:
+        from chatcli.grammars import schema_to_gbnf
+
+        return schema_to_gbnf(json_schema)
+    return None
+
+
+@cli.command()
+@click.argument("text", required=False)
+@model_options
+@click.option("-n", "--max-tokens", type=int, default=None, help="Stop after N tokens (default: until the model ends).")
+@click.option("--temperature", type=float, default=None, help="Randomness; 0 = always the likeliest token.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold.")
+@click.option("--top-k", type=int, default=None, help="Sample from the K likeliest tokens (0 = all).")
+@click.option("--min-p", type=float, default=None, help="Drop tokens less likely than this times the top one.")
+@click.option("--repeat-penalty", type=float, default=None, help="Penalise repeated tokens (1 = off).")
+@click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
+@click.option("--echo", is_flag=True, help="Print the prompt before the completion.")
+@click.option("--chat", "as_chat", is_flag=True, help="Send the text as a user message through the chat template.")
+@click.option("-s", "--system", help="System prompt (with --chat).")
+@click.option("--chat-template", "chat_template", help="Chat template (with --chat): auto or a built-in name.")
+@click.option("-t", "--template", "prompt_template", metavar="NAME", help="Use one of your prompt templates.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A prompt template variable.")
+@click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), help="Constrain output with a GBNF file.")
+@click.option("--json-schema", help="Constrain output to a JSON schema (a file or inline JSON).")
+@click.option("--truncate", is_flag=True, help="If the prompt is too long, keep its end instead of failing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (text, tokens, timings).")
+@click.option("--jsonl", "as_jsonl", is_flag=True, help="Print one JSON event per chunk, then a summary.")
+def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, max_tokens, temperature,
+             top_p, top_k, min_p, repeat_penalty, seed, stop, echo, as_chat, system, chat_template, prompt_template,
+             variables, grammar_file, json_schema, truncate, as_json, as_jsonl) -> None:  # noqa: ANN001
+    """Complete TEXT (and/or stdin) and stream the result to stdout.
+
+    \b
+    Prompt = TEXT and piped stdin, joined with a blank line.
+      chatcli complete "The quick brown fox"
+      cat notes.txt | chatcli complete "Summary:" | tee out.txt
+    """
+    from chatcli import completing, console
+    from chatcli.errors import UsageError
+
+    if as_json and as_jsonl:
+        raise UsageError("use either --json or --jsonl, not both")
+    if variables and not prompt_template:
+        raise UsageError("--var needs -t/--template")
+    prompt = completing.join_prompt(text, _read_stdin(), allow_empty=prompt_template is not None)
+    defaults: dict = {}
+    if prompt_template:
+        from chatcli import prompt_templates
+
+        template = prompt_templates.load_template(prompt_template)
+        template_system, prompt = template.render(prompt or None, prompt_templates.parse_vars(variables))
+        system = system or template_system
+        as_chat = as_chat or bool(system)
+        model = model or template.model
+        defaults = dict(template.options)
+    if system and not as_chat:
+        raise UsageError("--system needs --chat")
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repeat_penalty=repeat_penalty, seed=seed, stop=stop or None)
+    request = completing.CompletionRequest(
+        prompt=prompt,
+        options=completing.sampling_options(defaults=defaults, grammar=_grammar_source(grammar_file, json_schema),
+                                            **given),
+        chat=as_chat,
+        system=system,
+        template=chat_template,
+        truncate=truncate,
+    )
+    load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
+    ref, engine = _open_engine(model, pull, load_options)
+    mode = "json" if as_json else "jsonl" if as_jsonl else "text"
+    completing.run(engine, ref, request, completing.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
+
+
+@cli.command()
+@model_options
+@click.option("-s", "--system", help="System prompt.")
+@click.option("-t", "--template", "prompt_template", metavar="NAME", help="Start from one of your prompt templates.")
+@click.option("--chat-template", "chat_template", help="Chat template: auto (the model's own) or a built-in name.")
+@click.option("--continue", "continue_", is_flag=True, help="Continue the latest conversation.")
+@click.option("--conversation", "conversation_id", metavar="ID", help="Continue conversation ID.")
+@click.option("--no-history", is_flag=True, help="Do not store this conversation.")
+def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system, prompt_template, chat_template,
+         continue_, conversation_id, no_history) -> None:  # noqa: ANN001
+    """Chat with a model in a REPL (or answer each line of piped stdin).
+
+    \b
+    Replies stream as Markdown; Ctrl-C stops a reply, Ctrl-D leaves. /help lists the commands.
+    Every turn is stored as it happens: `chatcli chat --continue` picks up where you left off.
+    """
+    from chatcli import chatting
+    from chatcli.errors import UsageError
+
+    if continue_ and conversation_id:
+        raise UsageError("use either --continue or --conversation, not both")
+    load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
+    code = chatting.start(
+        model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
+        continue_latest=continue_, conversation_id=conversation_id, history=not no_history,
+        open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
+        load_options=load_options,
+    )
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt-tokens", "n_prompt", type=click.IntRange(1, 16384), default=512, show_default=True,
+              help="Prompt length for the prompt-processing test.")
+@click.option("-n", "--gen-tokens", "n_gen", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Tokens to generate for the generation test.")
+@click.option("-r", "--repetitions", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("-c", "--ctx-size", type=int, help="Context window (default: prompt + generation).")
+@click.option("--threads", type=int, help="CPU threads (default: physical cores).")
+@click.option("--gpu-layers", default=None, metavar="auto|all|N", help="Layers to offload to the GPU.")
+@click.option("--flash-attn/--no-flash-attn", default=None, help="Use flash attention.")
+@click.option("--pull", "pull", is_flag=True, help="Download the model first if it is missing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def bench(model, n_prompt, n_gen, repetitions, ctx_size, threads, gpu_layers, flash_attn, pull,
+          as_json) -> None:  # noqa: ANN001
+    """Measure prompt processing and generation speed on this machine (like llama-bench)."""
+    from chatcli import bench as benchlib
+    from chatcli import console
+
+    load_options = _load_options(ctx_size or n_prompt + n_gen + 16, threads, gpu_layers, flash_attn, False)
+    ref, engine = _open_engine(model, pull, load_options)
+    with console.err().status("benchmarking…") if console.stderr_is_tty() else _nothing():
+        report = benchlib.run_bench(engine, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
+    if as_json:
+        click.echo(json.dumps(benchlib.report_dict(report), indent=2))
+        return
+    for line in benchlib.report_lines(report):
+        click.echo(line)
+
+
+def _nothing():  # noqa: ANN202
+    from contextlib import nullcontext
+
+    return nullcontext()
