@@ -148,7 +148,7 @@ def templates_list() -> None:
         where = prompt_templates.templates_dir()
         console.info(f"no templates yet: `chatcli templates edit NAME` creates one in {where}")
     for template in templates:
-        click.echo(f"{template.name:<20} {template.description}")
+        click.echo(f"{template.name:<20} {template.description if template.error is None else 'BROKEN: ' + template.error}")
 
 
 @templates_group.command("show")
@@ -176,7 +176,7 @@ def templates_edit(name: str) -> None:
     candidate = path.with_name(f".{path.name}.new")
     candidate.write_text(edited, encoding="utf-8")
     try:
-        prompt_templates.validate_file(candidate)
+        prompt_templates.validate_file(candidate, name=name)
     except Exception:
         candidate.unlink()
         raise

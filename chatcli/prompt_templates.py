@@ -1,8 +1,9 @@
 """The user's prompt templates: TOML files in `<config dir>/templates/NAME.toml`.
 
-A template holds an optional system prompt, a prompt with `{input}` and `{name}` variables, a default model,
-default variable values and default sampling options. Only plain `{identifier}` fields are substituted, in one
-pass; `{{` and `}}` are literal braces. We never call str.format on user text: it would evaluate `{0.__class__}`.
+A template holds an optional system prompt, a prompt with `{input}` and `{name}` variables, a default
+model, default variable values and default sampling options. Only plain `{identifier}` fields are
+substituted, in one pass; `{{` and `}}` are literal braces. We never call str.format on user text:
+it would evaluate `{0.__class__}`.
 """
 
 from __future__ import annotations
@@ -23,24 +24,15 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 KEYS = ("description", "system", "prompt", "model", "defaults", "options")
-# option name -> accepted TOML types; mirrors SamplingOptions (grammar is not a template option)
-OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "max_tokens": (int,),
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "top_k": (int,),
-    "min_p": (int, float),
-    "repeat_penalty": (int, float),
-    "seed": (int,),
-    "stop": (list,),
-}
-_FLOAT_OPTIONS = {"temperature", "top_p", "min_p", "repeat_penalty"}
+# the sampling options a template may set: SamplingOptions' fields, less grammar
+OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
+_FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty")
 
 Segment = tuple[bool, str]  # (is_field, text): a field's text is its variable name
 
 
 def _segments(text: str, where: str) -> list[Segment]:
-    """Split template text into literal text and `{name}` fields; reject anything str.format would do more with."""
+    """Split text into literals and `{name}` fields; reject any field str.format would do more with."""
     out: list[Segment] = []
     pos = 0
     for m in _TOKEN_RE.finditer(text):
@@ -64,8 +56,8 @@ def _segments(text: str, where: str) -> list[Segment]:
     return out
 
 
-def _fields(segments: list[Segment]) -> list[str]:
-    return [text for is_field, text in segments if is_field]
+def _fields(segments: list[Segment] | None) -> list[str]:
+    return [text for is_field, text in segments or [] if is_field]
 
 
 def _substitute(segments: list[Segment], values: dict[str, str]) -> str:
@@ -94,7 +86,7 @@ class PromptTemplate:
         """Variable names used in the system prompt and prompt, in order of first use, without `input`."""
         names: list[str] = []
         for segments in self._parsed():
-            for name in _fields(segments or []):
+            for name in _fields(segments):
                 if name != "input" and name not in names:
                     names.append(name)
         return names
@@ -112,7 +104,7 @@ class PromptTemplate:
         if missing:
             flags = " ".join(f"--var {name}=VALUE" for name in missing)
             raise UsageError(f"template '{self.name}' needs {flags}")
-        uses_input = "input" in _fields((system or []) + (prompt or []))
+        uses_input = "input" in _fields(system) + _fields(prompt)
         if uses_input:
             if input is None:
                 raise UsageError(f"template '{self.name}' needs input: give it as an argument or on stdin")
@@ -136,6 +128,7 @@ def template_path(name: str) -> Path:
 
 
 def template_names() -> list[str]:
+    """The names of the template files, sorted; files whose stem is not a valid name are skipped."""
     folder = templates_dir()
     if not folder.is_dir():
         return []
@@ -177,25 +170,22 @@ def _table(path: Path, data: dict[str, object], key: str) -> dict[str, object]:
 def _options(path: Path, raw: dict[str, object]) -> dict[str, float | int | list[str]]:
     options: dict[str, float | int | list[str]] = {}
     for key, value in raw.items():
-        if key not in OPTION_TYPES:
-            close = difflib.get_close_matches(key, list(OPTION_TYPES), n=1, cutoff=0.5)
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise _fail(path, f"unknown option '{key}' in [options]: {hint}allowed: {', '.join(OPTION_TYPES)}")
+            raise _fail(path, f"unknown option '{key}' in [options]: {hint}allowed: {', '.join(OPTIONS)}")
         if key == "stop":
             if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
                 raise _fail(path, "[options] stop must be a list of non-empty strings")
-            options[key] = list(value)
-        elif isinstance(value, bool) or not isinstance(value, OPTION_TYPES[key]):
+            options[key] = [str(s) for s in value]
+        elif isinstance(value, float) and key in _FLOAT_OPTIONS:
+            options[key] = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            options[key] = float(value) if key in _FLOAT_OPTIONS else value
+        else:
             kind = "a number" if key in _FLOAT_OPTIONS else "a whole number"
             raise _fail(path, f"[options] {key} must be {kind}, got {value!r}")
-        else:
-            options[key] = float(value) if key in _FLOAT_OPTIONS else value
-    _check_ranges(path, options)
-    return options
-
-
-def _check_ranges(path: Path, options: dict[str, float | int | list[str]]) -> None:
-    """Same limits as the command-line flags, so a bad value is caught when the file is saved."""
+    # The same limits as the command-line flags, so that a bad value is caught when the file is saved.
     from chatcli.engine import SamplingOptions
 
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
@@ -203,6 +193,7 @@ def _check_ranges(path: Path, options: dict[str, float | int | list[str]]) -> No
         SamplingOptions(**values).validate()  # type: ignore[arg-type]
     except UsageError as exc:
         raise _fail(path, f"[options]: {exc}") from exc
+    return options
 
 
 def _build(name: str, path: Path, data: dict[str, object]) -> PromptTemplate:
@@ -231,10 +222,10 @@ def _build(name: str, path: Path, data: dict[str, object]) -> PromptTemplate:
     return template
 
 
-def validate_file(path: Path) -> PromptTemplate:
+def validate_file(path: Path, name: str | None = None) -> PromptTemplate:
     """Parse and check one template file (after `templates edit`); raises TemplateError naming the file."""
     path = Path(path)
-    return _build(path.stem, path, _read(path))
+    return _build(name or path.stem, path, _read(path))
 
 
 def load_template(name: str) -> PromptTemplate:
@@ -247,7 +238,7 @@ def load_template(name: str) -> PromptTemplate:
 
 
 def list_templates() -> list[PromptTemplate]:
-    """Every template, by name; one that fails to load comes back with only `error` set, the rest still list."""
+    """Every template, by name; one that fails to load comes back with `error` set, the rest still list."""
     result: list[PromptTemplate] = []
     for name in template_names():
         path = template_path(name)

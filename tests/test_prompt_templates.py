@@ -58,7 +58,7 @@ def test_templates_live_in_the_config_dir(home: Path) -> None:
 
 
 def test_option_names_are_sampling_options_fields() -> None:
-    assert set(pt.OPTION_TYPES) <= {f.name for f in dataclasses.fields(SamplingOptions)}
+    assert set(pt.OPTIONS) <= {f.name for f in dataclasses.fields(SamplingOptions)}
 
 
 def test_integer_options_become_floats_where_the_option_is_a_float(home: Path) -> None:
@@ -163,7 +163,9 @@ def test_list_templates_without_a_dir_is_empty() -> None:
 # ---------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "", ".hidden", "..", "a b", "/etc/passwd", "x" * 101])
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "a\\b", "", ".hidden", "..", "a b", "/etc/passwd", "x" * 101]
+)
 def test_template_path_rejects_unsafe_names(name: str) -> None:
     with pytest.raises(UsageError, match="invalid template name"):
         pt.template_path(name)

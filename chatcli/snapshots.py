@@ -1,0 +1,314 @@
+"""Conversation-state snapshots: llama.cpp's KV state saved per token prefix, restored instead of a prefill.
+
+One flat folder (cache_dir()/snapshots). `<group>-<n>-<key>.state` holds llama_state_save_file's bytes,
+zlib-compressed where that pays; the `.json` beside it is the metadata and the commit record (a state
+without its JSON is no entry). group hashes (model, n_ctx, llama-cpp-python version), key hashes that plus
+the n tokens, so finding the longest cached prefix needs no JSON parsing. The JSON's mtime is the last use.
+A snapshot that fails any check is deleted and the caller prefills as usual: never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from chatcli import paths
+from chatcli.errors import ChatcliError, UsageError
+
+MIN_TOKENS = 32  # shorter prefixes prefill about as fast as a file is read
+MIN_SAVING = 0.20  # keep the compressed form only when it is at least this much smaller
+DEFAULT_MAX_MB = 2048
+STALE_SECONDS = 3600  # temp files and orphaned states this old were left by a process that died
+CHUNK = 1 << 20
+FORMAT = 1
+TMP = ".tmp-"
+
+
+class StatefulEngine(Protocol):
+    n_ctx: int
+
+    @property
+    def cached_tokens(self) -> list[int]: ...
+    def save_state(self, path: Path) -> int: ...
+    def load_state(self, path: Path) -> list[int]: ...
+    def reset(self) -> None: ...
+
+
+class _Damaged(Exception):
+    """A snapshot failed a check."""
+
+
+def model_identity(path: Path) -> str:
+    """An identity for a model file that changes when the file does (for callers without its sha256)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _lib_version() -> str:
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
+def _group_hash(model_id: str, n_ctx: int) -> Any:  # hashlib's hash type is private
+    return hashlib.sha256(json.dumps([FORMAT, model_id, n_ctx, _lib_version()]).encode())
+
+
+def _pack(tokens: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}i", *tokens)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _store(raw: Path, packed: Path) -> tuple[bool, str, int, int]:
+    """Compress raw into packed when that saves >= MIN_SAVING: (compressed, sha256 and size of what to keep,
+    raw size). Both hashes are taken in the same pass; the caller keeps `packed` or `raw` accordingly."""
+    raw_hash, packed_hash = hashlib.sha256(), hashlib.sha256()
+    squeezer = zlib.compressobj(1)
+    raw_size = packed_size = 0
+    trying = True
+    with open(raw, "rb") as src, open(packed, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            raw_hash.update(chunk)
+            raw_size += len(chunk)
+            if trying:
+                out = squeezer.compress(chunk)
+                packed_hash.update(out)
+                packed_size += dst.write(out)
+                trying = packed_size <= (1 - MIN_SAVING) * raw_size  # give up as soon as it does not pay
+        if trying:
+            out = squeezer.flush()
+            packed_hash.update(out)
+            packed_size += dst.write(out)
+    if trying and raw_size and packed_size <= (1 - MIN_SAVING) * raw_size:
+        return True, packed_hash.hexdigest(), packed_size, raw_size
+    return False, raw_hash.hexdigest(), raw_size, raw_size
+
+
+def _max_bytes_from_env() -> int:
+    text = os.environ.get("CHATCLI_SNAPSHOT_MAX_MB", "").strip()
+    try:
+        mb = float(text) if text else float(DEFAULT_MAX_MB)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise UsageError(f"invalid CHATCLI_SNAPSHOT_MAX_MB {text!r}: use a size in MB, 0 or more")
+    return int(mb * 1024 * 1024)
+
+
+class SnapshotStore:
+    """Saved llama.cpp states, found by the longest token prefix, evicted least-recently-used past a cap."""
+
+    def __init__(self, root: Path | None = None, *, max_bytes: int | None = None) -> None:
+        self.root = Path(root) if root is not None else paths.cache_dir() / "snapshots"
+        self.max_bytes = max_bytes if max_bytes is not None else _max_bytes_from_env()
+
+    def save(self, engine: StatefulEngine, *, model_id: str) -> Path | None:
+        """Snapshot the engine's cached tokens; returns the state file, or None when not worth keeping."""
+        tokens = engine.cached_tokens
+        if len(tokens) < MIN_TOKENS:
+            return None
+        key = _group_hash(model_id, engine.n_ctx)
+        group = key.hexdigest()[:16]
+        key.update(_pack(tokens))
+        stem = f"{group}-{len(tokens)}-{key.hexdigest()[:32]}"
+        state, meta = self.root / f"{stem}.state", self.root / f"{stem}.json"
+        if meta.exists() and state.exists():
+            self._touch(meta)
+            return state
+        temp = f"{TMP}{os.getpid()}-{uuid.uuid4().hex}"
+        raw, packed, meta_tmp = (self.root / f"{temp}{ext}" for ext in (".raw", ".packed", ".json"))
+        placed = committed = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if engine.save_state(raw) != len(tokens):
+                raise OSError("the engine saved a different number of tokens than it holds")
+            compressed, digest, size, raw_size = _store(raw, packed)
+            record = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx, "lib_version": _lib_version(),
+                      "n_tokens": len(tokens), "sha256": digest, "compressed": compressed, "size": size,
+                      "raw_size": raw_size, "created": time.time(), "tokens": tokens}
+            body = json.dumps(record, separators=(",", ":"))
+            if size + len(body) > self.max_bytes:
+                return None  # could never fit under the cap
+            meta_tmp.write_text(body, encoding="utf-8")
+            # State first, then its metadata: readers only ever see an entry whose state is complete.
+            # (Two processes saving the same tokens at once may pair one's JSON with the other's state;
+            # the hash check then drops the entry: a lost snapshot, never a wrong one.)
+            os.replace(packed if compressed else raw, state)
+            placed = True
+            os.replace(meta_tmp, meta)
+            committed = True
+        except OSError as exc:
+            raise ChatcliError(f"could not save a conversation snapshot in {self.root}: {exc}") from exc
+        finally:
+            for path in (raw, packed, meta_tmp) + ((state,) if placed and not committed else ()):
+                path.unlink(missing_ok=True)
+        self._evict()
+        return state
+
+    def restore(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str) -> int:
+        """Load the snapshot holding the longest prefix of `tokens`; returns its token count, 0 if none fits.
+
+        Does nothing (returns 0) when the engine's live cache already shares as long a prefix.
+        """
+        tokens = [int(t) for t in tokens]
+        live = engine.cached_tokens
+        shared = next((i for i, (a, b) in enumerate(zip(live, tokens, strict=False)) if a != b),
+                      min(len(live), len(tokens)))
+        for n, stem in self._candidates(model_id, engine.n_ctx, tokens):
+            if n <= shared:
+                return 0
+            if self._load(engine, stem, tokens[:n], model_id):
+                return n
+        return 0
+
+    def info(self) -> dict[str, Any]:
+        """count, total_bytes, max_bytes, root, models ({model_id: count})."""
+        entries = self._entries()
+        models: dict[str, int] = {}
+        for _, _, stem in entries:
+            try:
+                model = str(json.loads((self.root / f"{stem}.json").read_text(encoding="utf-8"))["model_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                model = "(damaged)"
+            models[model] = models.get(model, 0) + 1
+        return {"count": len(entries), "total_bytes": sum(size for _, size, _ in entries),
+                "max_bytes": self.max_bytes, "root": str(self.root), "models": models}
+
+    def clear(self) -> int:
+        """Delete every snapshot (and leftovers of dead processes); returns the bytes freed."""
+        freed = sum(self._remove(stem) for _, _, stem in self._entries())
+        return freed + self._sweep(force_orphans=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _candidates(self, model_id: str, n_ctx: int, tokens: list[int]) -> list[tuple[int, str]]:
+        """(n, stem) of the entries whose key is that of tokens[:n], longest first."""
+        hasher = _group_hash(model_id, n_ctx)
+        group = hasher.hexdigest()[:16]
+        named: dict[int, list[str]] = {}
+        for meta in self.root.glob(f"{group}-*.json"):
+            parts = meta.stem.split("-")
+            if len(parts) == 3 and parts[1].isdigit() and MIN_TOKENS <= int(parts[1]) <= len(tokens):
+                named.setdefault(int(parts[1]), []).append(parts[2])
+        found, done = [], 0
+        for n in sorted(named):
+            hasher.update(_pack(tokens[done:n]))
+            done = n
+            key = hasher.copy().hexdigest()[:32]
+            found += [(n, f"{group}-{n}-{key}")] if key in named[n] else []
+        return found[::-1]
+
+    def _load(self, engine: StatefulEngine, stem: str, tokens: list[int], model_id: str) -> bool:
+        meta_path, state = self.root / f"{stem}.json", self.root / f"{stem}.state"
+        inflated = self.root / f"{TMP}{os.getpid()}-{uuid.uuid4().hex}.raw"
+        touched = False
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            expected = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx,
+                        "lib_version": _lib_version(), "n_tokens": len(tokens), "tokens": tokens}
+            if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
+                raise _Damaged("metadata does not match")
+            if state.stat().st_size != meta["size"] or _file_sha256(state) != meta["sha256"]:
+                raise _Damaged("hash mismatch")
+            source = state
+            if meta["compressed"]:
+                self._inflate(state, inflated, int(meta["raw_size"]))
+                source = inflated
+            touched = True
+            if engine.load_state(source) != tokens:
+                raise _Damaged("llama.cpp restored other tokens")
+        except (_Damaged, OSError, ValueError, KeyError, TypeError, zlib.error):
+            self._remove(stem)
+            if touched:
+                engine.reset()
+            return False
+        finally:
+            inflated.unlink(missing_ok=True)
+        self._touch(meta_path)
+        return True
+
+    @staticmethod
+    def _inflate(packed: Path, out: Path, raw_size: int) -> None:
+        opener = zlib.decompressobj()
+        written = 0
+        with open(packed, "rb") as src, open(out, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                data = opener.decompress(chunk)
+                written += dst.write(data)
+            written += dst.write(opener.flush())
+        if not opener.eof or opener.unused_data or written != raw_size:
+            raise _Damaged("the compressed state is incomplete")
+
+    @staticmethod
+    def _touch(meta: Path) -> None:
+        now = time.time_ns()
+        try:
+            os.utime(meta, ns=(now, now))
+        except FileNotFoundError:  # evicted by another process meanwhile
+            pass
+
+    def _entries(self) -> list[tuple[int, int, str]]:
+        """(last used ns, bytes, stem) of every entry."""
+        entries = []
+        for meta in self.root.glob("*.json") if self.root.is_dir() else ():
+            if meta.name.startswith(TMP):
+                continue
+            try:
+                st = meta.stat()
+            except FileNotFoundError:
+                continue
+            state = meta.with_suffix(".state")
+            size = st.st_size + (state.stat().st_size if state.exists() else 0)
+            entries.append((st.st_mtime_ns, size, meta.stem))
+        return sorted(entries)
+
+    def _remove(self, stem: str) -> int:
+        freed = 0
+        for path in (self.root / f"{stem}.json", self.root / f"{stem}.state"):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except FileNotFoundError:
+                pass
+        return freed
+
+    def _sweep(self, *, force_orphans: bool = False) -> int:
+        """Delete temp files and metadata-less states that dead processes left behind."""
+        freed = 0
+        cutoff = time.time() - STALE_SECONDS
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            orphan = path.suffix == ".state" and not path.with_suffix(".json").exists()
+            try:
+                st = path.stat()
+                if (path.name.startswith(TMP) or orphan) and (st.st_mtime < cutoff or (orphan and force_orphans)):
+                    path.unlink()
+                    freed += st.st_size
+            except FileNotFoundError:
+                pass
+        return freed
+
+    def _evict(self) -> None:
+        self._sweep()
+        entries = self._entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, stem in entries:
+            if total <= self.max_bytes:
+                break
+            self._remove(stem)
+            total -= size

@@ -1,0 +1,282 @@
+"""The chat session and REPL: turns stored as they happen, slash commands, context fitting, non-TTY use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_engine import FakeEngine
+from ggufgen import CHATML_TEMPLATE, make_llama
+
+from chatcli.chat_templates import builtin_format
+from chatcli.conversation import ChatSession
+from chatcli.errors import ContextOverflowError, UsageError
+from chatcli.history import History
+
+
+@pytest.fixture
+def history(home: Path):  # noqa: ANN201
+    with History() as store:
+        yield store
+
+
+def make_session(history: History | None, *replies: str, n_ctx: int = 4096, system: str | None = None
+                 ) -> ChatSession:
+    engine = FakeEngine(replies=list(replies), n_ctx=n_ctx)
+    return ChatSession(engine=engine, fmt=builtin_format("chatml"), model_label="fake", history=history,
+                       system=system)
+
+
+def test_each_turn_is_stored_as_it_happens(history: History) -> None:
+    session = make_session(history, "Hello there", system="be nice")
+    reply = session.send("hi")
+    assert [t.role for t in history.turns(session.conversation_id)] == ["user"]  # stored before the reply
+    assert "".join(reply) == "Hello there"
+    turns = history.turns(session.conversation_id)
+    assert [(t.role, t.content, t.finish_reason) for t in turns] == [
+        ("user", "hi", None), ("assistant", "Hello there", "stop")]
+    assert turns[1].completion_tokens == 2 and turns[1].duration is not None
+    assert history.get(session.conversation_id).system == "be nice"
+    assert session.engine.prompts[0] == "<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+                                        "<|im_start|>assistant\n"
+
+
+def test_interrupted_reply_is_kept_and_marked(history: History) -> None:
+    session = make_session(history, "one two three four five")
+
+    def interrupt(result) -> None:  # noqa: ANN001
+        if result.completion_tokens == 2:
+            raise KeyboardInterrupt
+
+    session.engine.chunk_hook = interrupt
+    reply = session.send("count")
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for chunk in reply:
+            seen.append(chunk)
+    assert "".join(seen) == "one two"
+    last = history.turns(session.conversation_id)[-1]
+    assert (last.content, last.finish_reason) == ("one two", "interrupted")
+    assert session.messages[-1] == {"role": "assistant", "content": "one two"}
+    assert "*[interrupted]*" in history.export(session.conversation_id, "md")
+
+
+def test_undo_and_retry(history: History) -> None:
+    session = make_session(history, "first", "second", "second again")
+    "".join(session.send("a"))
+    "".join(session.send("b"))
+    assert "".join(session.retry()) == "second again"
+    assert [t.content for t in history.turns(session.conversation_id)] == ["a", "first", "b", "second again"]
+    assert session.undo()
+    assert [m["content"] for m in session.messages] == ["a", "first"]
+    assert [t.content for t in history.turns(session.conversation_id)] == ["a", "first"]
+    assert session.undo() and not session.undo()
+    with pytest.raises(UsageError, match="nothing to retry"):
+        session.retry()
+
+
+def test_old_turns_are_dropped_from_the_context_never_the_system_prompt(history: History) -> None:
+    session = make_session(history, *["x" * 40] * 6, n_ctx=400, system="SYSTEM")
+    for i in range(6):
+        reply = session.send(f"question {i} " + "y" * 40)
+        "".join(reply)
+    assert reply.dropped > 0
+    prompt = session.engine.prompts[-1]
+    assert prompt.startswith("<|im_start|>system\nSYSTEM<|im_end|>")
+    assert "question 0" not in prompt and "question 5" in prompt
+    assert len(history.turns(session.conversation_id)) == 12  # history keeps everything
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_not_stored(history: History) -> None:
+    session = make_session(history, n_ctx=100)
+    with pytest.raises(ContextOverflowError):
+        session.send("z" * 500)
+    assert session.messages == [] and session.conversation_id is None
+
+
+def test_load_continues_a_conversation(history: History) -> None:
+    first = make_session(history, "Paris.")
+    "".join(first.send("capital of France?"))
+    resumed = make_session(history, "Rome.")
+    resumed.load(first.conversation_id[:6])
+    "".join(resumed.send("and Italy?"))
+    assert "capital of France?" in resumed.engine.prompts[0] and "Paris." in resumed.engine.prompts[0]
+    assert [t.content for t in history.turns(first.conversation_id)] == [
+        "capital of France?", "Paris.", "and Italy?", "Rome."]
+
+
+def test_settings_reach_the_sampler(history: History) -> None:
+    session = make_session(history, "a b c d e f g")
+    session.set("max_tokens", "3")
+    session.set("temperature", "0")
+    reply = session.send("go")
+    assert "".join(reply) == "a b c" and reply.result.finish_reason == "length"
+    with pytest.raises(UsageError, match="temperature must be a number"):
+        session.set("temperature", "hot")
+    with pytest.raises(UsageError, match="invalid value for --temperature"):
+        session.set("temperature", "99")
+    with pytest.raises(UsageError, match="unknown setting 'colour'"):
+        session.set("colour", "1")
+
+
+# ---------------------------------------------------------------- the REPL, through prompt_toolkit's pipe input
+
+
+def run_repl(session: ChatSession, keys: str) -> tuple[str, str]:
+    import io
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from chatcli.repl import Repl
+
+    out, err = io.StringIO(), io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        repl = Repl(session, out=out, err=Console(file=err, width=200), markdown=False, pt_input=pipe,
+                    pt_output=DummyOutput())
+        assert repl.run() == 0
+    return out.getvalue(), err.getvalue()
+
+
+def test_repl_chats_and_runs_slash_commands(history: History) -> None:
+    session = make_session(history, "Hi!", "Fine.")
+    out, err = run_repl(session, "hello\r/system be brief\r/set temperature 0.2\rhow are you\r/tokens\r/show\r/exit\r")
+    assert out == "Hi!\nFine.\n"
+    assert "system prompt set" in err and "temperature = 0.2" in err
+    assert "tokens used" in err and "model        fake" in err and "temperature  0.2" in err
+    assert session.engine.prompts[1].startswith("<|im_start|>system\nbe brief<|im_end|>")
+
+
+def test_repl_bad_commands_get_one_line_hints(history: History) -> None:
+    session = make_session(history)
+    _, err = run_repl(session, "/hlep\r/set temperature\r/set top_k many\r/load\r/load nosuchid\r/retry\r/exit\r")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert any("unknown command /hlep" in line and "/help" in line for line in lines)
+    assert any("usage: /set NAME VALUE" in line for line in lines)
+    assert any("top_k must be a whole number" in line for line in lines)
+    assert any("usage: /load ID" in line for line in lines)
+    assert any("no conversation 'nosuchid'" in line for line in lines)
+    assert any("nothing to retry" in line for line in lines)
+    assert "Traceback" not in err
+
+
+def test_repl_multiline_block_and_ctrl_d(history: History) -> None:
+    session = make_session(history, "Got it.")
+    out, _ = run_repl(session, '"""\rline one\rline two\r"""\r\x04')
+    assert out == "Got it.\n"
+    assert history.turns(session.conversation_id)[0].content == "line one\nline two"
+
+
+def test_repl_undo_retry_history_and_load(history: History) -> None:
+    old = make_session(history, "Old reply.")
+    "".join(old.send("old question"))
+    history.set_title(old.conversation_id, "the old one")
+    session = make_session(history, "A1", "A2", "A2 again", "B1")
+    out, err = run_repl(session, f"q1\rq2\r/retry\r/undo\r/history\r/load {old.conversation_id}\rq3\r/save new title\r"
+                                 "/exit\r")
+    assert out == "A1\nA2\nA2 again\nB1\n"
+    assert "dropped the last exchange" in err and "the old one" in err
+    assert f"continuing conversation {old.conversation_id}" in err
+    assert history.get(old.conversation_id).title == "new title"
+    assert [t.content for t in history.turns(old.conversation_id)] == ["old question", "Old reply.", "q3", "B1"]
+
+
+def test_repl_ctrl_c_during_a_reply_returns_to_the_prompt(history: History) -> None:
+    session = make_session(history, "one two three four", "next")
+
+    def interrupt(result) -> None:  # noqa: ANN001
+        if result.completion_tokens == 2 and session.engine.replies:
+            raise KeyboardInterrupt
+
+    session.engine.chunk_hook = interrupt
+    out, err = run_repl(session, "story\ragain\r/exit\r")
+    assert out == "one two\nnext\n"
+    assert "[interrupted]" in err
+    assert [t.finish_reason for t in history.turns(session.conversation_id)] == [None, "interrupted", None, "stop"]
+
+
+def test_tab_completion_offers_the_slash_commands(history: History) -> None:
+    from prompt_toolkit.document import Document
+
+    from chatcli.repl import Repl
+
+    repl = Repl(make_session(history), markdown=False)
+    completer = repl._prompt_session().completer
+    found = {c.text for c in completer.get_completions(Document("/re"), None)}
+    assert {"/reset", "/retry"} <= found
+
+
+# ---------------------------------------------------------------- real llama.cpp, non-TTY
+
+
+def test_piped_lines_are_answered_in_turn(chatcli, tiny_llama: Path, home: Path) -> None:
+    result = chatcli("chat", "-m", str(tiny_llama), input="hello\nhow are you\n")
+    assert result.returncode == 0, result.stderr
+    with History() as store:
+        conversation = store.latest()
+        turns = store.turns(conversation.id)
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert [t.content for t in turns if t.role == "user"] == ["hello", "how are you"]
+    expected = "".join(t.content + "\n" for t in turns if t.role == "assistant")
+    assert result.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")  # text mode: universal newlines
+
+
+def test_continue_resumes_the_latest_conversation(chatcli, tiny_llama: Path) -> None:
+    assert chatcli("chat", "-m", str(tiny_llama), input="first\n").returncode == 0
+    result = chatcli("chat", "--continue", input="second\n")  # the model comes from the conversation
+    assert result.returncode == 0, result.stderr
+    with History() as store:
+        assert [t.content for t in store.turns(store.latest().id) if t.role == "user"] == ["first", "second"]
+        assert len(store.list()) == 1
+
+
+def test_hostile_template_in_a_gguf_falls_back_safely(chatcli, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = ("{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
+               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model = make_llama(tmp_path / "hostile.gguf", chat_template=hostile)
+    result = chatcli("chat", "-m", str(model), input="hello\n")
+    assert result.returncode == 0, result.stderr
+    assert "unsafe or invalid" in result.stderr and "chatml" in result.stderr
+    assert not marker.exists()
+
+
+def test_two_chats_writing_history_at_once_lose_nothing(tiny_llama: Path, home: Path) -> None:
+    lines = "".join(f"message {i}\n" for i in range(8))
+    procs = [subprocess.Popen([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+             for _ in range(2)]
+    for proc in procs:
+        proc.stdin.write(lines)
+        proc.stdin.close()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    with History() as store:
+        conversations = store.list()
+        assert len(conversations) == 2
+        for summary in conversations:
+            turns = store.turns(summary.id)
+            assert [t.content for t in turns if t.role == "user"] == [f"message {i}" for i in range(8)]
+            assert all(t.finish_reason for t in turns if t.role == "assistant")
+
+
+def test_history_commands(chatcli, tiny_llama: Path) -> None:
+    assert chatcli("chat", "-m", str(tiny_llama), input="hello\n").returncode == 0
+    listing = json.loads(chatcli("history", "list", "--json").stdout)
+    [row] = listing
+    exported = json.loads(chatcli("history", "export", row["id"], "--format", "json").stdout)
+    assert [t["content"] for t in exported["turns"]][0] == "hello"
+    shown = chatcli("history", "show", row["id"][:5])
+    assert shown.returncode == 0 and "### User" in shown.stdout and "hello" in shown.stdout
+    assert chatcli("history", "rm", row["id"]).returncode == 1  # no confirmation without a terminal
+    assert chatcli("history", "rm", row["id"], "-y").returncode == 0
+    missing = chatcli("history", "show", row["id"])
+    assert missing.returncode == 1 and "no conversation" in missing.stderr

@@ -1,0 +1,64 @@
+"""`chatcli chat` in a real pseudo-terminal (pexpect) with the real SmolLM2: type, stream, Ctrl-C, leave, resume."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chatcli.history import History
+
+pexpect = pytest.importorskip("pexpect")
+pytestmark = pytest.mark.real_model
+
+
+def spawn(*args: str):  # noqa: ANN201
+    # pexpect is not a terminal emulator: it cannot answer prompt_toolkit's cursor-position requests
+    env = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "chatcli", "chat", *args], env=env, encoding="utf-8",
+                          timeout=60, dimensions=(30, 100))
+    return child
+
+
+def test_type_stream_interrupt_exit_and_continue(smollm2: Path, home: Path) -> None:
+    child = spawn("-m", str(smollm2))
+    child.expect("chatting with")
+    child.expect(">")
+    child.sendline("/set max_tokens 2000")
+    child.expect("max_tokens = 2000")
+    child.sendline("Write a very long story about a dragon who learns to bake bread.")
+    # The reply streams, and is saved while it streams: wait until the stored partial reply has some words.
+    partial = ""
+    deadline = time.monotonic() + 60
+    while len(partial.split()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with History() as store:
+            latest = store.latest()
+            turns = store.turns(latest.id) if latest else []
+        partial = turns[1].content if len(turns) > 1 else ""
+    assert len(partial.split()) >= 5
+    child.expect(partial.split()[3])  # ... and those words were on the screen
+    child.sendintr()  # Ctrl-C mid-reply
+    child.expect(r"\[interrupted\]", timeout=30)
+    child.expect(">")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    assert child.exitstatus == 0
+
+    with History() as store:
+        conversation = store.latest()
+        turns = store.turns(conversation.id)
+    assert turns[0].content.startswith("Write a very long story")
+    assert turns[1].finish_reason == "interrupted" and turns[1].content.startswith(partial)
+
+    child = spawn("--continue")
+    child.expect(f"continuing conversation {conversation.id}")
+    child.expect(">")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    assert child.exitstatus == 0
