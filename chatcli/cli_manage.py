@@ -148,7 +148,8 @@ def templates_list() -> None:
         where = prompt_templates.templates_dir()
         console.info(f"no templates yet: `chatcli templates edit NAME` creates one in {where}")
     for template in templates:
-        click.echo(f"{template.name:<20} {template.description if template.error is None else 'BROKEN: ' + template.error}")
+        about = template.description if template.error is None else f"BROKEN: {template.error}"
+        click.echo(f"{template.name:<20} {about}")
 
 
 @templates_group.command("show")

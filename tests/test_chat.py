@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fake_engine import FakeEngine
-from ggufgen import CHATML_TEMPLATE, make_llama
+from ggufgen import make_llama
 
 from chatcli.chat_templates import builtin_format
 from chatcli.conversation import ChatSession
