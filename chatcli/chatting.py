@@ -30,6 +30,7 @@ def start(
     continue_latest: bool,
     conversation_id: str | None,
     history: bool,
+    variables: tuple[str, ...] = (),
     open_engine: Callable[[str | None], tuple[Any, Any]],
     load_options: Any,
 ) -> int:
@@ -37,13 +38,22 @@ def start(
     from chatcli.history import History
 
     settings: dict[str, Any] = {}
+    transform = None
     if prompt_template:
         from chatcli import prompt_templates
 
         template = prompt_templates.load_template(prompt_template)
-        system = system or template.system
+        values = prompt_templates.parse_vars(variables)
+        template_system, _ = template.render("", values)  # checks the variables before the model loads
+        system = system or template_system
         model = model or template.model
         settings.update({k: v for k, v in template.options.items() if k != "stop"})
+        if template.prompt and template.prompt.strip() != "{input}":
+            transform = lambda text: template.render(text, values)[1]  # noqa: E731
+    elif variables:
+        from chatcli.errors import UsageError
+
+        raise UsageError("--var needs -t/--template")
 
     store = History() if history else None
     resume = None
@@ -67,7 +77,8 @@ def start(
 
         snapshots = SnapshotStore()
     session = ChatSession(engine=engine, fmt=fmt, model_label=label, history=store, system=system,
-                          settings=settings, snapshots=snapshots, model_id=model_id, template_name=prompt_template)
+                          settings=settings, snapshots=snapshots, model_id=model_id, template_name=prompt_template,
+                          transform=transform)
     if resume is not None:
         session.load(resume.id)
     from chatcli.repl import Repl

@@ -174,12 +174,13 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
 @model_options
 @click.option("-s", "--system", help="System prompt.")
 @click.option("-t", "--template", "prompt_template", metavar="NAME", help="Start from one of your prompt templates.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A prompt template variable.")
 @click.option("--chat-template", "chat_template", help="Chat template: auto (the model's own) or a built-in name.")
 @click.option("--continue", "continue_", is_flag=True, help="Continue the latest conversation.")
 @click.option("--conversation", "conversation_id", metavar="ID", help="Continue conversation ID.")
 @click.option("--no-history", is_flag=True, help="Do not store this conversation.")
-def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system, prompt_template, chat_template,
-         continue_, conversation_id, no_history) -> None:  # noqa: ANN001
+def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system, prompt_template, variables,
+         chat_template, continue_, conversation_id, no_history) -> None:  # noqa: ANN001
     """Chat with a model in a REPL (or answer each line of piped stdin).
 
     \b
@@ -194,7 +195,7 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     code = chatting.start(
         model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
-        continue_latest=continue_, conversation_id=conversation_id, history=not no_history,
+        continue_latest=continue_, conversation_id=conversation_id, history=not no_history, variables=variables,
         open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
         load_options=load_options,
     )

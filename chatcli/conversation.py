@@ -62,6 +62,7 @@ class ChatSession:
     snapshots: Any = None  # chatcli.snapshots.SnapshotStore, or None
     model_id: str = ""
     template_name: str | None = None
+    transform: Callable[[str], str] | None = None  # a prompt template applied to each message
     messages: list[Message] = field(default_factory=list)  # user/assistant turns, oldest first
     interrupted: set[int] = field(default_factory=set)  # indexes of replies cut short
     _reset_cache: bool = True
@@ -171,6 +172,8 @@ class ChatSession:
         """Add the user's message and stream the model's reply."""
         if not text.strip():
             raise UsageError("empty message")
+        if self.transform is not None:
+            text = self.transform(text)
         self.messages.append({"role": "user", "content": text})
         try:
             tokens, dropped = self.fit()
