@@ -77,7 +77,8 @@ def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
 
     model_ref = _ref(ref, quant)
     started = time.monotonic()
-    result = pull_model(model_ref, revision=revision, refresh=refresh, progress=console.DownloadBar())
+    result = pull_model(model_ref, revision=revision, refresh=refresh, progress=console.DownloadBar(),
+                        notice=console.warn)
     name = model_ref.display
     where = result.model.path
     if result.already_present:

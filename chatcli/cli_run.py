@@ -67,7 +67,7 @@ def _open_engine(model_ref_text, pull, load_options):  # noqa: ANN001, ANN202
         console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
 
     path = runner.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
-                                 on_pulled=pulled)
+                                 on_pulled=pulled, notice=console.warn)
     engine = runner.load(ref, path, load_options)
     if load_options.verbose:
         where = f"GPU ({engine.gpu_layers if engine.gpu_layers >= 0 else 'all'} layers)" \

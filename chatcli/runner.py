@@ -41,6 +41,7 @@ def ensure_present(
     confirm: Callable[[ModelRef], bool] | None,
     progress=None,  # noqa: ANN001 - hub.PullProgress
     on_pulled: Callable[[object], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Path:
     """The model file, pulled first when allowed (`pull`, or `confirm` says yes); else a clear error."""
     try:
@@ -51,7 +52,7 @@ def ensure_present(
             raise
     from chatcli.pulling import pull_model
 
-    result = pull_model(ref, progress=progress)
+    result = pull_model(ref, progress=progress, notice=notice)
     if on_pulled is not None:
         on_pulled(result)
     return result.model.path
