@@ -68,8 +68,7 @@ def start(
         fmt, warning = runner.chat_format(engine, ref, chat_template)
         if warning:
             console.warn(warning)
-        label = ref.local_path.name if ref.local_path is not None else ref.display
-        return engine, fmt, label, model_identity(engine.path)
+        return engine, fmt, ref.display, model_identity(engine.path)
 
     engine, fmt, label, model_id = load(model)
     snapshots = None

@@ -107,10 +107,16 @@ class Repl:
             output=self.pt_output,
         )
 
+    @property
+    def model_name(self) -> str:
+        """The model as people say it: an alias or repo, or a local file's name."""
+        label = self.session.model_label
+        return Path(label).name if label.startswith(("/", "./", "~")) else label
+
     def _toolbar(self) -> str:
         used, total = self.session.context_usage()
         conversation = self.session.conversation_id or "new"
-        return f" {self.session.model_label} · context {used}/{total} · {conversation} · /help · Alt+Enter: new line"
+        return f" {self.model_name} · context {used}/{total} · {conversation} · /help · Alt+Enter: new line"
 
     def _read(self, prompt_session) -> str:  # noqa: ANN001
         text = prompt_session.prompt("> ")
@@ -152,10 +158,10 @@ class Repl:
         if session.messages:
             self.notice(f"continuing conversation {session.conversation_id} ({len(session.messages)} turns)")
             for message in session.messages[-4:]:
-                who = "you" if message["role"] == "user" else session.model_label
+                who = "you" if message["role"] == "user" else self.model_name
                 self.notice(f"{who}: {_one_line(message['content'])}")
         else:
-            self.notice(f"chatting with {session.model_label}; /help for commands, Ctrl-D to leave")
+            self.notice(f"chatting with {self.model_name}; /help for commands, Ctrl-D to leave")
 
     def handle(self, text: str) -> None:
         """One line of input: a slash command or a message."""

@@ -9,6 +9,7 @@ A snapshot that fails any check is deleted and the caller prefills as usual: nev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ def _lib_version() -> str:
     return str(llama_cpp.__version__)
 
 
-def _group_hash(model_id: str, n_ctx: int) -> Any:  # hashlib's hash type is private
+def _group_hash(model_id: str, n_ctx: int) -> hashlib._Hash:
     return hashlib.sha256(json.dumps([FORMAT, model_id, n_ctx, _lib_version()]).encode())
 
 
@@ -67,11 +68,8 @@ def _pack(tokens: Sequence[int]) -> bytes:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _store(raw: Path, packed: Path) -> tuple[bool, str, int, int]:
@@ -82,18 +80,19 @@ def _store(raw: Path, packed: Path) -> tuple[bool, str, int, int]:
     raw_size = packed_size = 0
     trying = True
     with open(raw, "rb") as src, open(packed, "wb") as dst:
+
+        def emit(out: bytes) -> int:
+            packed_hash.update(out)
+            return dst.write(out)
+
         while chunk := src.read(CHUNK):
             raw_hash.update(chunk)
             raw_size += len(chunk)
             if trying:
-                out = squeezer.compress(chunk)
-                packed_hash.update(out)
-                packed_size += dst.write(out)
+                packed_size += emit(squeezer.compress(chunk))
                 trying = packed_size <= (1 - MIN_SAVING) * raw_size  # give up as soon as it does not pay
         if trying:
-            out = squeezer.flush()
-            packed_hash.update(out)
-            packed_size += dst.write(out)
+            packed_size += emit(squeezer.flush())
     if trying and raw_size and packed_size <= (1 - MIN_SAVING) * raw_size:
         return True, packed_hash.hexdigest(), packed_size, raw_size
     return False, raw_hash.hexdigest(), raw_size, raw_size
@@ -163,14 +162,14 @@ class SnapshotStore:
     def restore(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str) -> int:
         """Load the snapshot holding the longest prefix of `tokens`; returns its token count, 0 if none fits.
 
-        Does nothing (returns 0) when the engine's live cache already shares as long a prefix.
+        Does nothing (returns 0) when the engine's live cache already shares as long a prefix. A snapshot
+        that fails a check is deleted and the next longest tried; if one got as far as llama.cpp, the
+        engine is reset. Either way the caller's prefill then gives the right answer.
         """
         tokens = [int(t) for t in tokens]
-        live = engine.cached_tokens
-        shared = next((i for i, (a, b) in enumerate(zip(live, tokens, strict=False)) if a != b),
-                      min(len(live), len(tokens)))
         for n, stem in self._candidates(model_id, engine.n_ctx, tokens):
-            if n <= shared:
+            live = engine.cached_tokens  # again after each failure: a failed load resets the engine
+            if live[:n] == tokens[:n]:
                 return 0
             if self._load(engine, stem, tokens[:n], model_id):
                 return n
@@ -256,11 +255,8 @@ class SnapshotStore:
 
     @staticmethod
     def _touch(meta: Path) -> None:
-        now = time.time_ns()
-        try:
-            os.utime(meta, ns=(now, now))
-        except FileNotFoundError:  # evicted by another process meanwhile
-            pass
+        with contextlib.suppress(FileNotFoundError):  # evicted by another process meanwhile
+            os.utime(meta, ns=(time.time_ns(), time.time_ns()))
 
     def _entries(self) -> list[tuple[int, int, str]]:
         """(last used ns, bytes, stem) of every entry."""
@@ -270,22 +266,21 @@ class SnapshotStore:
                 continue
             try:
                 st = meta.stat()
-            except FileNotFoundError:
+            except FileNotFoundError:  # removed by another process meanwhile
                 continue
-            state = meta.with_suffix(".state")
-            size = st.st_size + (state.stat().st_size if state.exists() else 0)
+            size = st.st_size
+            with contextlib.suppress(FileNotFoundError):  # a missing state is found out on restore
+                size += meta.with_suffix(".state").stat().st_size
             entries.append((st.st_mtime_ns, size, meta.stem))
         return sorted(entries)
 
     def _remove(self, stem: str) -> int:
         freed = 0
         for path in (self.root / f"{stem}.json", self.root / f"{stem}.state"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 size = path.stat().st_size
                 path.unlink()
                 freed += size
-            except FileNotFoundError:
-                pass
         return freed
 
     def _sweep(self, *, force_orphans: bool = False) -> int:
@@ -294,13 +289,11 @@ class SnapshotStore:
         cutoff = time.time() - STALE_SECONDS
         for path in self.root.iterdir() if self.root.is_dir() else ():
             orphan = path.suffix == ".state" and not path.with_suffix(".json").exists()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
                 if (path.name.startswith(TMP) or orphan) and (st.st_mtime < cutoff or (orphan and force_orphans)):
                     path.unlink()
                     freed += st.st_size
-            except FileNotFoundError:
-                pass
         return freed
 
     def _evict(self) -> None:
