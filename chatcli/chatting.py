@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from chatcli import config, console, paths
 from chatcli.conversation import ChatSession
 from chatcli.errors import HistoryError
-
-
-def model_identity(path: Path) -> str:
-    """What a snapshot is keyed by: the blob's sha256 for cached models, else the file's path, size and mtime."""
-    real = path.resolve()
-    if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
-        return real.name
-    st = real.stat()
-    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+from chatcli.snapshots import model_identity
 
 
 def start(

@@ -14,7 +14,7 @@ from typing import Any
 
 from chatcli.chat_templates import ChatFormat
 from chatcli.engine import Engine, GenerationResult, SamplingOptions
-from chatcli.errors import ContextOverflowError, UsageError
+from chatcli.errors import ChatcliError, ContextOverflowError, UsageError
 
 Message = dict[str, str]
 SETTING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
@@ -249,17 +249,25 @@ class ChatSession:
         self._save_snapshot()
 
     def _save_snapshot(self) -> None:
-        """Keep the context's state for the conversation so far, so resuming it later skips the prefill."""
+        """Keep the context's state for the conversation so far, so resuming it later skips the prefill.
+
+        Best effort: a snapshot is only a shortcut, so any failure here just means no snapshot.
+        """
         if self.snapshots is None:
             return
-        history_tokens = self.tokens_for(self.messages)
-        truncate: Callable[[int], None] | None = getattr(self.engine, "truncate", None)
+        try:
+            history_tokens = self.tokens_for(self.messages)
+        except ChatcliError:  # the whole conversation no longer fits: the next prompt drops turns anyway
+            return
         cached = self.engine.cached_tokens  # type: ignore[attr-defined]
         common = 0
         for a, b in zip(cached, history_tokens, strict=False):
             if a != b:
                 break
             common += 1
-        if truncate is not None and common < len(cached):
-            truncate(common)  # keep only what a re-rendered conversation starts with
-        self.snapshots.save(self.engine, model_id=self.model_id)
+        if common < len(cached):
+            self.engine.truncate(common)  # type: ignore[attr-defined]  # keep what a re-render starts with
+        try:
+            self.snapshots.save(self.engine, model_id=self.model_id)
+        except ChatcliError:
+            pass  # e.g. the cache disk is full: the conversation itself is safe in history

@@ -48,9 +48,12 @@ class _Damaged(Exception):
 
 
 def model_identity(path: Path) -> str:
-    """An identity for a model file that changes when the file does (for callers without its sha256)."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    """What snapshots are keyed by: a cached model's blob sha256, else the file's path, size and mtime."""
+    real = Path(path).resolve()
+    if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name  # the HF cache names blobs by their sha256
+    st = real.stat()
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _lib_version() -> str:
@@ -104,7 +107,7 @@ def _max_bytes_from_env() -> int:
         mb = float(text) if text else float(DEFAULT_MAX_MB)
     except ValueError:
         mb = -1.0
-    if not mb >= 0:
+    if not 0 <= mb < 2**40:  # also refuses nan and inf
         raise UsageError(f"invalid CHATCLI_SNAPSHOT_MAX_MB {text!r}: use a size in MB, 0 or more")
     return int(mb * 1024 * 1024)
 

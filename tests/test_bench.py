@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_runs_requested_prompt_and_generation_lengths(engine: LlamaEngine) -> No
     tg_calls = [(n, m) for n, m in generates if m == 16]
     assert len(tg_calls) >= 4 and all(n < 32 for n, _ in tg_calls)  # warm-up(s) + 3 timed, short prompt
     # every run starts from an empty context: a reset right before each generate
-    for before, call in zip(recorder.calls, recorder.calls[1:]):
+    for before, call in itertools.pairwise(recorder.calls):
         if call[0] == "generate":
             assert before[0] == "reset"
 

@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def chatml(system: str, user: str) -> str:
-    return f"<|im_start|>system\n{system}<|im_end|>\n{turn(user)}"
+    return f"<|im_start|>system\n{system}<|im_end|>\n{turn(user)[len('<|im_end|>'):]}"
 
 
 def turn(user: str) -> str:
-    """A user turn and the assistant's cue, as a conversation grows by."""
+    """What a conversation grows by: the end of the assistant's reply, a user turn and the assistant's cue."""
     return f"<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -67,10 +67,9 @@ def greedy(engine: LlamaEngine, tokens: list[int], options: SamplingOptions = GR
 
 
 def assert_same_generation(got: Run, want: Run) -> None:
+    """The same text from the same greedy choices (logits differ in their last bits between batch splits)."""
     assert got.text == want.text
-    assert len(got.logits) == len(want.logits)
-    for mine, theirs in zip(got.logits, want.logits, strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-3)
+    assert [int(row.argmax()) for row in got.logits] == [int(row.argmax()) for row in want.logits]
 
 
 @pytest.fixture
@@ -99,7 +98,7 @@ def conversation(engine: LlamaEngine, text: str | list[int] = PROMPT) -> tuple[l
 
 
 def check_restore_equals_prefill(open_engine: Callable[..., LlamaEngine], store: SnapshotStore, model_id: str,
-                                 grow: bool, prompt: str = PROMPT) -> dict[str, object]:
+                                 grow: bool, prompt: str = PROMPT) -> tuple[Path, dict[str, object]]:
     a = open_engine()
     cached, grown = conversation(a, prompt)
     state = store.save(a, model_id=model_id)
@@ -114,7 +113,12 @@ def check_restore_equals_prefill(open_engine: Callable[..., LlamaEngine], store:
     # Only the new turn was read (the whole prompt is cached: one token is replayed for fresh logits).
     assert got.evaluated[0] == (len(tokens) - restored if grow else 1)
     assert_same_generation(got, want)
-    return json.loads(state.with_suffix(".json").read_text())
+    if grow:
+        # Bit for bit what the saving engine computes when the conversation goes on in it.
+        live = greedy(a, tokens)
+        assert live.evaluated == got.evaluated
+        assert all(np.array_equal(x, y) for x, y in zip(live.logits, got.logits, strict=True))
+    return state, json.loads(state.with_suffix(".json").read_text())
 
 
 @pytest.mark.parametrize("grow", [True, False], ids=["grown", "exact"])
@@ -124,9 +128,9 @@ def test_restore_generates_exactly_what_a_full_prefill_does(engines, store, tiny
                                                             compress: bool) -> None:
     # How well a state compresses depends on its numbers: make both ways happen here.
     monkeypatch.setattr(snapshots, "MIN_SAVING", 0.0 if compress else 1.0)
-    meta = check_restore_equals_prefill(engines, store, model_identity(tiny_llama), grow)
+    state, meta = check_restore_equals_prefill(engines, store, model_identity(tiny_llama), grow)
     assert meta["compressed"] is compress
-    assert meta["size"] == Path(store.root, Path(meta_name(store)).with_suffix(".state")).stat().st_size
+    assert meta["size"] == state.stat().st_size and meta["n_tokens"] > 100
 
 
 def test_compression_is_kept_only_where_it_pays(tmp_path: Path) -> None:
@@ -143,11 +147,6 @@ def test_compression_is_kept_only_where_it_pays(tmp_path: Path) -> None:
         assert not compressed or zlib.decompress(kept) == data
 
 
-def meta_name(store: SnapshotStore) -> str:
-    (only,) = [p.name for p in store.root.glob("*.json")]
-    return only
-
-
 @pytest.mark.real_model
 def test_restore_generates_exactly_what_a_full_prefill_does_on_smollm2(smollm2: Path, store) -> None:
     opened: list[LlamaEngine] = []
@@ -159,7 +158,7 @@ def test_restore_generates_exactly_what_a_full_prefill_does_on_smollm2(smollm2: 
     try:
         story = "The history of the city begins in the Roman era, when a settlement grew along the river. "
         prompt = chatml("You are a helpful assistant.", story * 10 + "What happened next?")
-        meta = check_restore_equals_prefill(open_engine, store, model_identity(smollm2), True, prompt)
+        _, meta = check_restore_equals_prefill(open_engine, store, model_identity(smollm2), True, prompt)
         assert meta["n_tokens"] > 200
     finally:
         for engine in opened:
@@ -376,7 +375,7 @@ def test_max_bytes_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, h
     assert SnapshotStore().root == home / "cache" / "snapshots"
     monkeypatch.setenv("CHATCLI_SNAPSHOT_MAX_MB", "1.5")
     assert SnapshotStore().max_bytes == 1536 * 1024
-    for bad in ("lots", "-1", "nan"):
+    for bad in ("lots", "-1", "nan", "inf"):
         monkeypatch.setenv("CHATCLI_SNAPSHOT_MAX_MB", bad)
         with pytest.raises(UsageError, match="CHATCLI_SNAPSHOT_MAX_MB"):
             SnapshotStore()
