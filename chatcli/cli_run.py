@@ -121,11 +121,13 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
 @click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), help="Constrain output with a GBNF file.")
 @click.option("--json-schema", help="Constrain output to a JSON schema (a file or inline JSON).")
 @click.option("--truncate", is_flag=True, help="If the prompt is too long, keep its end instead of failing.")
+@click.option("--cache", is_flag=True, help="Keep the prompt's model state, so a repeated prefix (same stdin) is not "
+              "read again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (text, tokens, timings).")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="Print one JSON event per chunk, then a summary.")
 def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, max_tokens, temperature,
              top_p, top_k, min_p, repeat_penalty, seed, stop, echo, as_chat, system, chat_template, prompt_template,
-             variables, grammar_file, json_schema, truncate, as_json, as_jsonl) -> None:  # noqa: ANN001
+             variables, grammar_file, json_schema, truncate, cache, as_json, as_jsonl) -> None:  # noqa: ANN001
     """Complete TEXT (and/or stdin) and stream the result to stdout.
 
     \b
@@ -140,7 +142,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         raise UsageError("use either --json or --jsonl, not both")
     if variables and not prompt_template:
         raise UsageError("--var needs -t/--template")
-    prompt = completing.join_prompt(text, _read_stdin(), allow_empty=prompt_template is not None)
+    stdin_text = _read_stdin()
+    prompt = completing.join_prompt(text, stdin_text, allow_empty=prompt_template is not None)
     defaults: dict = {}
     if prompt_template:
         from chatcli import prompt_templates
@@ -163,6 +166,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         system=system,
         template=chat_template,
         truncate=truncate,
+        cache=cache,
+        cache_prefix=stdin_text if stdin_text and text and not (prompt_template or as_chat) else None,
     )
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     ref, engine = _open_engine(model, pull, load_options)

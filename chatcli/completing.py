@@ -47,6 +47,8 @@ class CompletionRequest:
     system: str | None = None
     template: str | None = None
     truncate: bool = False
+    cache: bool = False  # restore / save the prompt's llama.cpp state (snapshots)
+    cache_prefix: str | None = None  # the part of the prompt that repeats (piped stdin): what the snapshot keeps
 
 
 @dataclass
@@ -73,6 +75,7 @@ def _summary(ref: ModelRef, result: GenerationResult, load_seconds: float) -> di
         "model": ref.display,
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
+        "prompt_cached_tokens": result.prompt_cached_tokens,
         "completion_tokens": result.completion_tokens,
         "timings": {"load_seconds": round(load_seconds, 4), **result.timings()},
     }
@@ -103,8 +106,10 @@ def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Out
         options = SamplingOptions(**{**options.__dict__, "stop": tuple(options.stop) + template_stops})
     reserve = min(options.max_tokens or 256, engine.n_ctx // 4) or 1
     tokens = prompt_tokens(engine, text, reserve=reserve, truncate=request.truncate)
+    snapshots, restored = _restore(engine, tokens) if request.cache else (None, 0)
     generation = engine.generate(tokens, options)
     result = generation.result
+    result.prompt_cached_tokens = restored
     if out.echo and out.mode == "text":
         out.write(request.prompt)
     try:
@@ -119,8 +124,40 @@ def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Out
         raise
     finally:
         generation.close()  # stop generating at once, e.g. when the reader went away
+    if snapshots is not None:
+        _save(engine, snapshots, tokens, request)
     _finish(out, ref, result, engine)
     return result
+
+
+def _restore(engine: LlamaEngine, tokens: list[int]):  # noqa: ANN202
+    from chatcli.snapshots import SnapshotStore, model_identity
+
+    store = SnapshotStore()
+    return store, store.restore(engine, tokens, model_id=model_identity(engine.path))
+
+
+def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequest) -> None:  # noqa: ANN001
+    """Snapshot the prompt's state: only its repeating part (stdin) when there is one, so the next question hits."""
+    from chatcli.errors import ChatcliError
+    from chatcli.snapshots import model_identity
+
+    keep = len(tokens)
+    if request.cache_prefix:
+        from chatcli.runner import wants_bos
+
+        prefix = engine.tokenize(request.cache_prefix, add_bos=wants_bos(engine, request.cache_prefix))
+        keep = 0
+        for a, b in zip(tokens, prefix, strict=False):
+            if a != b:
+                break
+            keep += 1
+        keep = max(0, keep - 1)  # the last token of a prefix may merge differently with what follows
+    engine.truncate(keep)
+    try:
+        store.save(engine, model_id=model_identity(engine.path))
+    except ChatcliError:
+        pass  # a snapshot is a shortcut; the completion itself succeeded
 
 
 def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: LlamaEngine) -> None:

@@ -59,6 +59,7 @@ class GenerationResult:
     text: str = ""
     finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
+    prompt_cached_tokens: int = 0  # of those, restored from a snapshot instead of being read
     completion_tokens: int = 0
     prompt_seconds: float = 0.0  # prompt processing, until the first token is sampled
     decode_seconds: float = 0.0  # from the first token to the last

@@ -87,10 +87,15 @@ def chat_format(engine: LlamaEngine, ref: ModelRef, requested: str | None = None
     )
 
 
+def wants_bos(engine: LlamaEngine, text: str) -> bool:
+    """Whether to add the model's BOS token: when it uses one and the text (a rendered template) has none."""
+    bos = engine.info.bos_token
+    return bool(engine.add_bos and not (bos and text.startswith(bos)))
+
+
 def prompt_tokens(engine: LlamaEngine, text: str, *, reserve: int, truncate: bool) -> list[int]:
     """Tokenise a prompt (no second BOS when the text starts with one); keep its tail if `truncate`."""
-    bos = engine.info.bos_token
-    add_bos = engine.add_bos and not (bos and text.startswith(bos))
+    add_bos = wants_bos(engine, text)
     tokens = engine.tokenize(text, add_bos=add_bos)
     limit = engine.n_ctx - max(1, reserve)
     if len(tokens) <= limit:

@@ -280,3 +280,29 @@ def test_history_commands(chatcli, tiny_llama: Path) -> None:
     assert chatcli("history", "rm", row["id"], "-y").returncode == 0
     missing = chatcli("history", "show", row["id"])
     assert missing.returncode == 1 and "no conversation" in missing.stderr
+
+
+def test_continue_restores_a_snapshot_with_the_same_answer_as_a_full_prefill(tiny_llama: Path, home: Path,
+                                                                              tmp_path: Path) -> None:
+    import shutil
+
+    def run(root: Path, lines: str) -> subprocess.CompletedProcess[bytes]:
+        env = {**os.environ, "CHATCLI_HOME": str(root)}
+        return subprocess.run([sys.executable, "-m", "chatcli", "chat", "--continue"] if "first" not in lines else
+                              [sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)],
+                              input=lines.encode(), capture_output=True, env=env, timeout=120)
+
+    setup = "/set temperature 0\n/set max_tokens 8\n"
+    first = run(home, setup + "first question\n")
+    assert first.returncode == 0, first.stderr
+    assert list((home / "cache" / "snapshots").glob("*.state"))
+    without = tmp_path / "without-snapshots"
+    shutil.copytree(home, without)
+    shutil.rmtree(without / "cache")
+
+    restored = run(home, "second question\n")
+    full = run(without, "second question\n")
+    assert restored.returncode == 0 and full.returncode == 0, restored.stderr + full.stderr
+    assert b"restored" in restored.stderr and b"from a snapshot" in restored.stderr
+    assert b"restored" not in full.stderr
+    assert restored.stdout == full.stdout

@@ -197,3 +197,15 @@ def test_closed_stdout_ends_quietly(tiny_gpt2: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert len(result.stdout) == 5
     assert result.stderr == ""
+
+
+def test_cache_restores_a_repeated_stdin_prefix_with_the_same_output(chatcli, tiny_llama: Path) -> None:
+    document = "hello world the " * 40
+    args = ["complete", "-m", str(tiny_llama), "-n", "6", "--json", *GREEDY]
+    first = json.loads(chatcli(*args, "--cache", "first question", input=document).stdout)
+    assert first["prompt_cached_tokens"] == 0
+    cached = json.loads(chatcli(*args, "--cache", "second question", input=document).stdout)
+    plain = json.loads(chatcli(*args, "second question", input=document).stdout)
+    assert 0 < cached["prompt_cached_tokens"] < cached["prompt_tokens"]
+    assert plain["prompt_cached_tokens"] == 0
+    assert cached["text"] == plain["text"]
