@@ -216,8 +216,8 @@ def test_tab_completion_offers_the_slash_commands(history: History) -> None:
 
 
 def test_piped_lines_are_answered_in_turn(tiny_llama: Path, home: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)], input=b"hello\nhow are you\n",
-                          capture_output=True, env=os.environ.copy(), timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)],
+                          input=b"hello\nhow are you\n", capture_output=True, env=os.environ.copy(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     with History() as store:
         conversation = store.latest()
