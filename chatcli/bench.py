@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from chatcli.engine import GenerationResult, SamplingOptions
-from chatcli.errors import UsageError
+from chatcli.errors import ChatcliError, UsageError
 
 # Ordinary prose: it tokenises the way real prompts do, and greedy decoding after it rarely ends at once.
 _FILLER = (
@@ -161,7 +161,7 @@ def _generate(engine: BenchEngine, prompt: Sequence[int], options: SamplingOptio
 def _pp_once(engine: BenchEngine, prompt: Sequence[int]) -> tuple[float, int]:
     result = _generate(engine, prompt, SamplingOptions(temperature=0.0, max_tokens=1))
     if result.prompt_seconds <= 0:
-        raise RuntimeError("the engine reported no prompt time")
+        raise ChatcliError("the engine produced no token: cannot time prompt processing")
     return result.prompt_seconds, len(prompt)
 
 
@@ -217,9 +217,9 @@ def run_bench(
     settings = settings_of(engine, flash_attn=flash_attn)
     rows: list[BenchRow] = []
 
-    def measure(kind: Kind, n: int, once: Callable[[], tuple[float, int]]) -> None:
+    def measure(kind: Kind, n: int, once: Callable[[], tuple[float, int]], warm: bool) -> None:
         name = f"{kind}{n}"
-        if warmup:
+        if warm:
             once()
         seconds: list[float] = []
         timed: list[int] = []
@@ -236,11 +236,11 @@ def run_bench(
 
     for p in prompt_lengths:
         prompt = prompt_of(engine, p)
-        measure("pp", p, lambda prompt=prompt: _pp_once(engine, prompt))  # type: ignore[misc]
+        measure("pp", p, lambda prompt=prompt: _pp_once(engine, prompt), warmup)  # type: ignore[misc]
     for n in gen_lengths:
-        # choosing the prompt runs the model once per candidate: it also serves as the warm-up
+        # with warm-up, choosing the prompt runs the model once per candidate tried: that is the warm-up
         prompt = _tg_prompt(engine, n, try_all=warmup)
-        measure("tg", n, lambda prompt=prompt, n=n: _tg_once(engine, prompt, n))  # type: ignore[misc]
+        measure("tg", n, lambda prompt=prompt, n=n: _tg_once(engine, prompt, n), False)  # type: ignore[misc]
     return BenchReport(settings, tuple(rows))
 
 

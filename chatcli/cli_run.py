@@ -226,15 +226,22 @@ def bench(model, n_prompt, n_gen, repetitions, ctx_size, threads, gpu_layers, fl
     from chatcli import bench as benchlib
     from chatcli import console
 
-    load_options = _load_options(ctx_size or n_prompt + n_gen + 16, threads, gpu_layers, flash_attn, False)
+    default_ctx = max(n_prompt + 1, 64 + n_gen) + 16  # pp needs the prompt, tg a short prompt + n_gen
+    load_options = _load_options(ctx_size or default_ctx, threads, gpu_layers, flash_attn, False)
     ref, engine = _open_engine(model, pull, load_options)
     with console.err().status("benchmarking…") if console.stderr_is_tty() else _nothing():
-        report = benchlib.run_bench(engine, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
+        report = benchlib.run_bench(engine, prompt_lengths=(n_prompt,), gen_lengths=(n_gen,), repetitions=repetitions)
     if as_json:
-        click.echo(json.dumps(benchlib.report_dict(report), indent=2))
+        click.echo(json.dumps(benchlib.to_json(report), indent=2))
         return
-    for line in benchlib.report_lines(report):
-        click.echo(line)
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in benchlib.HEADER:
+        table.add_column(column, justify="right" if column in ("t/s", "size", "params", "n_ctx") else "left")
+    for row in benchlib.table_rows(report):
+        table.add_row(*row)
+    console.out().print(table)
 
 
 def _nothing():  # noqa: ANN202

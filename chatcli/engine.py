@@ -273,6 +273,7 @@ class LlamaEngine:
                                     kv_bytes_per_token(info.metadata, info.architecture))
         self.n_threads = n_threads or physical_cores()
         self.gpu_layers = resolve_gpu_layers(gpu_layers)
+        self.flash_attn = flash_attn
         self.verbose = verbose
         started = time.perf_counter()
         import llama_cpp
