@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from chatcli import chat_templates
+from chatcli import jinja_sandbox
 from chatcli.chat_templates import BUILTIN_NAMES, ChatFormat, builtin_format, choose_format, render_template
 from chatcli.errors import TemplateError
 from chatcli.gguf_info import read_gguf
@@ -287,10 +287,10 @@ def test_transformers_globals_are_available() -> None:
 
 
 def test_compiled_templates_are_cached() -> None:
-    chat_templates._compile.cache_clear()
+    jinja_sandbox._compile.cache_clear()
     builtin_format("chatml").render(CONVERSATION)
     builtin_format("chatml").render(CONVERSATION)
-    assert chat_templates._compile.cache_info().hits == 1
+    assert jinja_sandbox._compile.cache_info().hits == 1
 
 
 RUNAWAY = {
@@ -362,7 +362,7 @@ def test_long_conversation_renders_within_the_budget() -> None:
 
 
 def test_output_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chat_templates, "MAX_CHARS", 1000)
+    monkeypatch.setattr(jinja_sandbox, "MAX_CHARS", 1000)
     with pytest.raises(TemplateError, match="over 1,000 characters: refused"):
         render_template("{% for m in messages %}{{ m['content'] }}{% endfor %}",
                         [{"role": "user", "content": "x" * 2000}])
