@@ -11,39 +11,29 @@ from pathlib import Path
 APP = "chatcli"
 
 
-def _home_override() -> Path | None:
+def _user_dir(kind: str) -> Path:
+    """CHATCLI_HOME/<kind>, else the platform's user <kind> dir for chatcli (platformdirs)."""
     home = os.environ.get("CHATCLI_HOME")
-    return Path(home).expanduser() if home else None
+    if home:
+        return Path(home).expanduser() / kind
+    import platformdirs
+
+    return Path(getattr(platformdirs, f"user_{kind}_dir")(APP))
 
 
 def config_dir() -> Path:
     """User config: the user catalogue (models.toml), prompt templates, config.toml."""
-    home = _home_override()
-    if home is not None:
-        return home / "config"
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir(APP))
+    return _user_dir("config")
 
 
 def data_dir() -> Path:
     """User data: history.db, REPL input history, model usage records."""
-    home = _home_override()
-    if home is not None:
-        return home / "data"
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir(APP))
+    return _user_dir("data")
 
 
 def cache_dir() -> Path:
     """Caches that can be deleted at any time: KV snapshots."""
-    home = _home_override()
-    if home is not None:
-        return home / "cache"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir(APP))
+    return _user_dir("cache")
 
 
 def hf_hub_cache() -> Path:
