@@ -120,13 +120,13 @@ def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Out
                 out.event({"type": "chunk", "text": chunk})
     except KeyboardInterrupt:
         result.finish_reason = "interrupted"
-        _finish(out, ref, result, engine)
+        _finish(out, ref, result, engine, request.prompt)
         raise
     finally:
         generation.close()  # stop generating at once, e.g. when the reader went away
     if snapshots is not None:
         _save(engine, snapshots, tokens, request)
-    _finish(out, ref, result, engine)
+    _finish(out, ref, result, engine, request.prompt)
     return result
 
 
@@ -160,11 +160,11 @@ def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequ
         pass  # a snapshot is a shortcut; the completion itself succeeded
 
 
-def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: LlamaEngine) -> None:
+def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: LlamaEngine, prompt: str) -> None:
     summary = _summary(ref, result, getattr(engine, "load_seconds", 0.0))
     if out.mode == "json":
         if out.echo:
-            summary["prompt"] = None
+            summary = {"prompt": prompt, **summary}
         out.write(json.dumps(summary, ensure_ascii=False) + "\n")
     elif out.mode == "jsonl":
         out.event({"type": "done", **{k: v for k, v in summary.items() if k != "text"}})
