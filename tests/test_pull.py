@@ -274,3 +274,61 @@ def test_hf_hub_download_sees_our_files(hub, home) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert out.returncode == 0, out.stderr
     assert [r for r in hub.requests if r.method == "GET"] == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A real, small filesystem (tmpfs, 8 MB) for the HF cache; needs root, as on the CI machines."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_not_enough_disk_space_is_said_before_downloading(chatcli, fake_hub, small_disk, tmp_path) -> None:
+    too_big = make_gpt2(tmp_path / "too-big.gguf", n_embd=384, n_layer=6, n_ctx=512)
+    assert too_big.stat().st_size > 8_000_000
+    fake_hub.add_file("big/model-GGUF", "model-Q4_K_M.gguf", too_big)
+    result = chatcli("pull", "big/model-GGUF", env={"HF_HOME": str(small_disk)})
+    assert result.returncode == 1
+    assert "not enough disk space for model-Q4_K_M.gguf" in result.stderr and "free some space" in result.stderr
+    assert fake_hub.body_bytes_sent == 0
+
+
+def test_disk_filling_up_during_a_pull_keeps_the_partial_file_for_a_resume(fake_hub, small_disk, big_model) -> None:
+    size = big_model.stat().st_size
+    fake_hub.add_file("big/model-GGUF", "model-Q4_K_M.gguf", big_model)
+    fake_hub.throttle(size / 4)
+    env = {**os.environ, "HF_HOME": str(small_disk)}
+    proc = subprocess.Popen([sys.executable, "-m", "chatcli", "pull", "big/model-GGUF"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    blobs = small_disk / "hub/models--big--model-GGUF/blobs"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in blobs.glob("*.incomplete")):
+        time.sleep(0.05)
+    filler = small_disk / "filler"
+    with filler.open("wb") as out:  # something else takes the rest of the disk
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+        except OSError:
+            pass
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "disk full while downloading big/model-GGUF/model-Q4_K_M.gguf" in err and "Traceback" not in err
+    [partial] = list(blobs.glob("*.incomplete"))
+    kept = partial.stat().st_size
+    assert 0 < kept < size
+
+    filler.unlink()
+    fake_hub.throttle(None)
+    fake_hub.reset_stats()
+    result = subprocess.run([sys.executable, "-m", "chatcli", "pull", "big/model-GGUF"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert fake_hub.body_bytes_sent == size - kept
