@@ -174,6 +174,8 @@ class Repl:
                 self.stream(self.session.send(text))
         except ChatcliError as exc:
             self.notice(f"error: {exc}", style="red")
+        except KeyboardInterrupt:  # e.g. while /model loads: back to the prompt, not out of the chat
+            self.notice(INTERRUPTED_MARK, style="yellow")
 
     # -------------------------------------------------------- replies
 
