@@ -71,6 +71,7 @@ class Repl:
         self.input_history = input_history
         self.pt_input, self.pt_output = pt_input, pt_output
         self.done = False
+        self.interactive = False  # set by run(): then Ctrl-C stops a reply; in a script it stops everything
 
     # -------------------------------------------------------- notices
 
@@ -133,6 +134,7 @@ class Repl:
     # -------------------------------------------------------- main loops
 
     def run(self) -> int:
+        self.interactive = True
         prompt_session = self._prompt_session()
         self._greet()
         while not self.done:
@@ -175,6 +177,8 @@ class Repl:
         except ChatcliError as exc:
             self.notice(f"error: {exc}", style="red")
         except KeyboardInterrupt:  # e.g. while /model loads: back to the prompt, not out of the chat
+            if not self.interactive:
+                raise
             self.notice(INTERRUPTED_MARK, style="yellow")
 
     # -------------------------------------------------------- replies
@@ -202,6 +206,8 @@ class Repl:
             if not self.markdown:
                 self.out.write("\n")
             self.notice(INTERRUPTED_MARK, style="yellow")
+            if not self.interactive:
+                raise
             return
         if reply.result.finish_reason in ("length", "context"):
             self.notice(f"(reply cut at {reply.result.completion_tokens} tokens: {reply.result.finish_reason})")

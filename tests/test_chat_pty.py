@@ -62,3 +62,25 @@ def test_type_stream_interrupt_exit_and_continue(smollm2: Path, home: Path) -> N
     child.expect(pexpect.EOF, timeout=30)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_sigint_stops_a_piped_chat_with_130_and_keeps_the_partial_reply(smollm2: Path, home: Path) -> None:
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "chatcli", "chat", "-m", str(smollm2)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"/set max_tokens 3000\nWrite a very long story about a lighthouse keeper.\nSecond question\n")
+    proc.stdin.close()
+    proc.stdin = None  # closed: communicate() must not flush it
+    shown = proc.stdout.read(40)  # the reply is streaming
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    with History() as store:
+        turns = store.turns(store.latest().id)
+    assert [t.role for t in turns] == ["user", "assistant"]  # the second line was never sent
+    assert turns[1].finish_reason == "interrupted"
+    assert (shown + rest).decode(errors="replace").strip().startswith(turns[1].content.strip()[:30])
