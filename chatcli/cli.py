@@ -121,7 +121,7 @@ def list_models(as_json: bool, available: bool) -> None:
         table.add_column(column.replace("_", " ").upper())
     for row in rows:
         table.add_row(*[_cell(column, row.get(column)) for column in columns])
-    console.out().print(table)
+    console.print_table(table)
 
 
 def _cell(column: str, value: object) -> str:
@@ -176,7 +176,7 @@ def show(ref: str, print_template: bool, as_json: bool) -> None:
         elif key == "last_used":
             value = console.ago(value)
         table.add_row(key.replace("_", " "), "-" if value in (None, "") else str(value))
-    console.out().print(table)
+    console.print_table(table)
 
 
 # ---------------------------------------------------------------- rm

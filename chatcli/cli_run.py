@@ -241,7 +241,7 @@ def bench(model, n_prompt, n_gen, repetitions, ctx_size, threads, gpu_layers, fl
         table.add_column(column, justify="right" if column in ("t/s", "size", "params", "n_ctx") else "left")
     for row in benchlib.table_rows(report):
         table.add_row(*row)
-    console.out().print(table)
+    console.print_table(table)
 
 
 def _nothing():  # noqa: ANN202

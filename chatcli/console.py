@@ -31,6 +31,15 @@ def out() -> Console:
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 
 
+def print_table(table: object) -> None:
+    """Print a rich table on stdout without the trailing spaces rich pads cells with (kinder to pipes)."""
+    console = out()
+    with console.capture() as captured:
+        console.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
+
+
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from chatcli import hub, store
 from chatcli.errors import GGUFError, ModelNotPresentError
 from chatcli.gguf_info import GGUFInfo, read_gguf
-from chatcli.registry import Catalogue, ModelRef
+from chatcli.registry import Catalogue, ModelRef, ModelSpec
 
 
 def _header(path: Path) -> GGUFInfo | None:
@@ -66,6 +66,18 @@ def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.
     return model.path, model
 
 
+def _revision(model: store.LocalModel | None, spec: ModelSpec | None) -> str | None:
+    """The Hub commit, or where a mirrored file came from (its snapshot folder is a stand-in, not a commit)."""
+    if model is None:
+        return None
+    from chatcli.pulling import mirror_commit
+
+    for mirror in spec.mirrors if spec else ():
+        if mirror_commit(mirror) == model.commit:
+            return f"from the PyPI mirror {mirror.package}=={mirror.version}"
+    return model.commit
+
+
 def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
     path, model = resolve_present(ref)
     info = read_gguf(path)
@@ -87,7 +99,7 @@ def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
         "license": info.license or (spec.license if spec else None),
         "repo": model.repo if model else None,
         "file": model.filename if model else None,
-        "revision": model.commit if model else None,
+        "revision": _revision(model, spec),
         "sha256": model.sha256 if model else None,
         "parts": len(model.parts) if model else 1,
         "path": str(path),
