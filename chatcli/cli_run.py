@@ -70,8 +70,11 @@ def _open_engine(model_ref_text, pull, load_options):  # noqa: ANN001, ANN202
                                  on_pulled=pulled, notice=console.warn)
     engine = runner.load(ref, path, load_options)
     if load_options.verbose:
-        where = f"GPU ({engine.gpu_layers if engine.gpu_layers >= 0 else 'all'} layers)" \
-            if engine.gpu_layers else "CPU"
+        from chatcli.engine import gpu_offload_supported
+
+        on_gpu = engine.gpu_layers != 0 and gpu_offload_supported()
+        where = f"GPU ({engine.gpu_layers if engine.gpu_layers >= 0 else 'all'} layers)" if on_gpu else \
+            "CPU (this llama.cpp build has no GPU offload)" if engine.gpu_layers else "CPU"
         console.info(f"loaded {path.name} in {engine.load_seconds:.2f}s on {where}: "
                      f"ctx {engine.n_ctx}, {engine.n_threads} threads")
     return ref, engine

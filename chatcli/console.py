@@ -122,6 +122,9 @@ class DownloadBar:
         label = name if done == 0 else f"{name} (resuming)"
         self._task = self._progress.add_task(label, total=total, completed=done)
 
+    def note(self, message: str) -> None:
+        info(message)
+
     def advance(self, nbytes: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, nbytes)

@@ -196,14 +196,23 @@ def files_for(ref: ModelRef, revision: str) -> list[str]:
 
 
 @contextmanager
-def _blob_lock(repo: str, sha: str) -> Iterator[None]:
+def _blob_lock(repo: str, sha: str, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """The same lock file huggingface_hub takes, so it and we never write one blob at once."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     lock_path = paths.hf_hub_cache() / ".locks" / store.repo_folder(repo).name / f"{sha}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_path)):
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting is not None:
+            waiting()
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _hash_file(path: Path, hasher: hashlib._Hash) -> int:
@@ -306,7 +315,11 @@ def fetch_file(remote: RemoteFile, revision: str, progress: PullProgress | None 
     blobs.mkdir(parents=True, exist_ok=True)
     blob = blobs / remote.sha256
     partial = blobs / f"{remote.sha256}.incomplete"
-    with _blob_lock(remote.repo, remote.sha256):
+    def waiting() -> None:
+        if progress is not None and hasattr(progress, "note"):
+            progress.note(f"another process is downloading {remote.filename}; waiting for it")
+
+    with _blob_lock(remote.repo, remote.sha256, waiting):
         if blob.is_file() and blob.stat().st_size == remote.size:
             if store.is_verified(remote.sha256, blob) or _verify_existing(blob, remote.sha256):
                 _link(folder, remote, revision)

@@ -332,3 +332,20 @@ def test_disk_filling_up_during_a_pull_keeps_the_partial_file_for_a_resume(fake_
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert fake_hub.body_bytes_sent == size - kept
+
+
+def test_two_pulls_of_the_same_file_download_it_once(fake_hub, home, big_model) -> None:
+    size = big_model.stat().st_size
+    fake_hub.add_file("big/model-GGUF", "model-Q4_K_M.gguf", big_model)
+    fake_hub.throttle(size / 2)
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen([sys.executable, "-m", "chatcli", "pull", "big/model-GGUF"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=os.environ.copy()))
+        time.sleep(0.5)
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert fake_hub.body_bytes_sent == size
+    assert any("another process is downloading model-Q4_K_M.gguf" in e for e in errs)
+    assert [b.read_bytes() for b in blobs(home, "big/model-GGUF")] == [big_model.read_bytes()]
