@@ -373,8 +373,9 @@ def locate(ref: ModelRef, revision: str = "main") -> store.LocalModel | None:
     """The local copy of a reference, without touching the network."""
     if ref.kind == "local" or ref.repo is None:
         return None
+    strict = revision != "main"  # an explicit --revision means that revision, not any copy
     if ref.filename:
-        return store.find(ref.repo, ref.filename, revision)
+        return store.find(ref.repo, ref.filename, revision, strict=strict)
     local = store.models_in_repo(ref.repo)
     if not local:
         return None
@@ -384,7 +385,7 @@ def locate(ref: ModelRef, revision: str = "main") -> store.LocalModel | None:
         chosen = quants.choose(candidates, quant=ref.quant, default_quant=default, where=ref.repo)
     except UsageError:
         return None
-    return store.find(ref.repo, chosen.name, revision)
+    return store.find(ref.repo, chosen.name, revision, strict=strict)
 
 
 def pull(

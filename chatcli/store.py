@@ -129,8 +129,8 @@ def scan() -> list[LocalModel]:
     return out
 
 
-def find(repo: str, filename: str, revision: str = "main") -> LocalModel | None:
-    """The cached copy of `filename` (complete: all parts present), preferring `revision`'s commit."""
+def find(repo: str, filename: str, revision: str = "main", *, strict: bool = False) -> LocalModel | None:
+    """The cached copy of `filename` (complete: all parts present) at `revision`; any copy unless `strict`."""
     candidates = [m for m in models_in_repo(repo) if m.filename == filename]
     if not candidates:
         return None
@@ -140,7 +140,7 @@ def find(repo: str, filename: str, revision: str = "main") -> LocalModel | None:
     for model in candidates:
         if revision == model.commit or revision in model.revisions:
             return model
-    return candidates[0] if candidates else None
+    return candidates[0] if candidates and not strict else None
 
 
 def partial_downloads() -> list[Path]:

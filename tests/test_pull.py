@@ -349,3 +349,15 @@ def test_two_pulls_of_the_same_file_download_it_once(fake_hub, home, big_model) 
     assert fake_hub.body_bytes_sent == size
     assert any("another process is downloading model-Q4_K_M.gguf" in e for e in errs)
     assert [b.read_bytes() for b in blobs(home, "big/model-GGUF")] == [big_model.read_bytes()]
+
+
+def test_another_revision_is_downloaded_even_when_main_is_present(chatcli, hub, home, quant_files) -> None:
+    hub.add_file(REPO, "tiny.Q8_0.gguf", quant_files["Q2_K"], revision="v2")
+    assert chatcli("pull", "tiny").returncode == 0
+    result = chatcli("pull", "tiny", "--revision", "v2")
+    assert result.returncode == 0, result.stderr
+    assert "pulled tiny:Q8_0" in result.stderr
+    assert sorted(b.read_bytes() for b in blobs(home)) == sorted(
+        [quant_files["Q8_0"].read_bytes(), quant_files["Q2_K"].read_bytes()])
+    again = chatcli("pull", "tiny", "--revision", "v2")
+    assert "already downloaded" in again.stderr
