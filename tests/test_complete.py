@@ -209,3 +209,18 @@ def test_cache_restores_a_repeated_stdin_prefix_with_the_same_output(chatcli, ti
     assert 0 < cached["prompt_cached_tokens"] < cached["prompt_tokens"]
     assert plain["prompt_cached_tokens"] == 0
     assert cached["text"] == plain["text"]
+
+
+def test_pull_gpt2_then_complete(chatcli, fake_hub, tiny_gpt2: Path) -> None:
+    """The first thing people try: `chatcli pull gpt2 && chatcli complete "The quick brown fox"` (a tiny GPT-2
+    stands in for the real one on the fake Hub, under the catalogue's repo and file name)."""
+    fake_hub.add_file("QuantFactory/gpt2-GGUF", "gpt2.Q8_0.gguf", tiny_gpt2)
+    fake_hub.add_file("QuantFactory/gpt2-GGUF", "gpt2.Q4_K_M.gguf", tiny_gpt2)
+    pulled = chatcli("pull", "gpt2")
+    assert pulled.returncode == 0, pulled.stderr
+    result = chatcli("complete", "-m", "gpt2", "The quick brown fox", "-n", "6", "--json", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "gpt2:Q8_0" and summary["completion_tokens"] == 6
+    chat = chatcli("complete", "-m", "gpt2", "hello", "--chat", "-n", "3", "--echo", *GREEDY)
+    assert chat.returncode == 0 and chat.stderr == ""  # the catalogue names the 'plain' template: no warning
