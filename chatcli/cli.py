@@ -75,11 +75,18 @@ def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
     from chatcli import console
     from chatcli.pulling import pull_model
 
+    from chatcli.errors import Interrupted
+
     model_ref = _ref(ref, quant)
     started = time.monotonic()
-    result = pull_model(model_ref, revision=revision, refresh=refresh, progress=console.DownloadBar(),
-                        notice=console.warn)
+    try:
+        result = pull_model(model_ref, revision=revision, refresh=refresh, progress=console.DownloadBar(),
+                            notice=console.warn)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: what was downloaded is kept; `chatcli pull {ref}` resumes it") from None
     name = model_ref.display
+    if model_ref.kind == "repo":
+        name += f" ({result.model.filename})"
     where = result.model.path
     if result.already_present:
         console.info(f"{name} is already downloaded and verified ({console.size(result.model.size)}): {where}")

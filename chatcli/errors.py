@@ -63,3 +63,9 @@ class OutputClosed(ChatcliError):
     """stdout's reader went away (`| head`): stop quietly, successfully."""
 
     exit_code = ExitCode.OK
+
+
+class Interrupted(ChatcliError):
+    """Ctrl-C, with a word on what was kept."""
+
+    exit_code = ExitCode.INTERRUPTED
