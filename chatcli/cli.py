@@ -73,9 +73,8 @@ def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
     import time
 
     from chatcli import console
-    from chatcli.pulling import pull_model
-
     from chatcli.errors import Interrupted
+    from chatcli.pulling import pull_model
 
     model_ref = _ref(ref, quant)
     started = time.monotonic()
