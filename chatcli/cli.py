@@ -20,8 +20,11 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 error, 2 usage error, 3 context overflow,
 class _Group(click.Group):
     aliases = {"ls": "list"}
 
+    order = ("chat", "complete", "pull", "list", "show", "rm", "bench", "history", "templates", "config", "cache")
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)  # in the order they were added: most used first
+        """Most used first."""
+        return sorted(self.commands, key=lambda name: self.order.index(name) if name in self.order else 99)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return super().get_command(ctx, self.aliases.get(name, name))
