@@ -247,18 +247,18 @@ def test_hostile_template_in_a_gguf_falls_back_safely(chatcli, tmp_path: Path) -
     assert not marker.exists()
 
 
-def test_two_chats_writing_history_at_once_lose_nothing(tiny_llama: Path, home: Path) -> None:
-    lines = "".join(f"message {i}\n" for i in range(8))
-    procs = [subprocess.Popen([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-             for _ in range(2)]
+def test_two_chats_writing_history_at_once_lose_nothing(tiny_llama: Path, home: Path, tmp_path: Path) -> None:
+    lines = "".join(f"message {i}\n" for i in range(8)).encode()
+    procs = []
+    for n in range(2):
+        with (tmp_path / f"out{n}").open("wb") as out, (tmp_path / f"err{n}").open("wb") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)],
+                                          stdin=subprocess.PIPE, stdout=out, stderr=err, env=os.environ.copy()))
     for proc in procs:
         proc.stdin.write(lines)
         proc.stdin.close()
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
+    for n, proc in enumerate(procs):
+        assert proc.wait(timeout=120) == 0, (tmp_path / f"err{n}").read_text()
     with History() as store:
         conversations = store.list()
         assert len(conversations) == 2
