@@ -23,7 +23,6 @@ def start(
     history: bool,
     variables: tuple[str, ...] = (),
     open_engine: Callable[[str | None], tuple[Any, Any]],
-    load_options: Any,
 ) -> int:
     from chatcli import runner
     from chatcli.history import History
@@ -75,7 +74,7 @@ def start(
     from chatcli.repl import Repl
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    repl = Repl(session, load_model=lambda ref_text: load(ref_text),
+    repl = Repl(session, load_model=load,
                 input_history=paths.data_dir() / "input_history" if interactive else None)
     try:
         if interactive:

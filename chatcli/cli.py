@@ -116,6 +116,14 @@ def list_models(as_json: bool, available: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if not available and console.stderr_is_tty():
+        from chatcli.store import partial_downloads
+
+        partial = partial_downloads()
+        if partial:
+            held = console.size(sum(p.stat().st_size for p in partial))
+            console.info(f"{len(partial)} unfinished download(s) ({held}) in the cache: pulling the model again "
+                         "resumes it")
     if not rows:
         console.info("no models downloaded yet: try `chatcli pull smollm2` (see `chatcli list --available`)")
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -94,7 +95,7 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
         raise UsageError("use either --grammar or --json-schema, not both")
     if grammar_file:
         try:
-            return open(grammar_file, encoding="utf-8").read()  # noqa: SIM115
+            return Path(grammar_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"invalid value for --grammar: cannot read {grammar_file}: {exc}") from exc
     if json_schema:
@@ -205,7 +206,6 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
         model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
         continue_latest=continue_, conversation_id=conversation_id, history=not no_history, variables=variables,
         open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
-        load_options=load_options,
     )
     sys.exit(code)
 
