@@ -306,3 +306,43 @@ def test_continue_restores_a_snapshot_with_the_same_answer_as_a_full_prefill(tin
     assert b"restored" in restored.stderr and b"from a snapshot" in restored.stderr
     assert b"restored" not in full.stderr
     assert restored.stdout == full.stdout
+
+
+def test_repl_model_switch_keeps_the_conversation(history: History) -> None:
+    session = make_session(history, "from the first model")
+    second = FakeEngine(replies=["from the second model"])
+    loads: list[str] = []
+
+    def load_model(ref: str):  # noqa: ANN202
+        loads.append(ref)
+        return second, builtin_format("llama3"), "other-model", "other-id"
+
+    import io
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from chatcli.repl import Repl
+
+    out, err = io.StringIO(), io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_text("hi\r/model other\ragain\r/exit\r")
+        Repl(session, out=out, err=Console(file=err, width=200), markdown=False, pt_input=pipe,
+             pt_output=DummyOutput(), load_model=load_model).run()
+    assert loads == ["other"] and out.getvalue() == "from the first model\nfrom the second model\n"
+    assert "now chatting with other-model" in err.getvalue()
+    assert second.prompts[0].startswith("<|begin_of_text|>") and "hi" in second.prompts[0]  # same conversation
+    assert history.get(session.conversation_id).model == "other-model"
+
+
+def test_a_damaged_history_file_is_refused_and_left_alone(chatcli, tiny_llama: Path, home: Path) -> None:
+    db = home / "data" / "history.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"not a database at all" * 100)
+    before = db.read_bytes()
+    result = chatcli("chat", "-m", str(tiny_llama), input="hello\n")
+    assert result.returncode == 1
+    assert str(db) in result.stderr and "Traceback" not in result.stderr
+    assert db.read_bytes() == before
+    assert chatcli("chat", "-m", str(tiny_llama), "--no-history", input="hello\n").returncode == 0
