@@ -71,6 +71,8 @@ def start(
                           transform=transform)
     if resume is not None:
         session.load(resume.id)
+        if system:  # -s given with --continue: it replaces the stored system prompt
+            session.set_system(system)
     from chatcli.repl import Repl
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()

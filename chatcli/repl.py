@@ -39,6 +39,7 @@ COMMANDS = [
     Command("/set", "/set NAME VALUE", f"change a setting: {', '.join(SETTING_NAMES)}"),
     Command("/show", "/show", "current model, settings and chat template"),
     Command("/tokens", "/tokens", "context used / available"),
+    Command("/copy", "/copy", "copy the last reply to the clipboard (terminals that support OSC 52)"),
     Command("/exit", "/exit", "leave (Ctrl-D works too)"),
 ]
 _ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help", "/clear": "/reset"}
@@ -341,6 +342,18 @@ class Repl:
         ]
         for line in lines:
             self.notice(line, style="")
+
+    def cmd_copy(self, arg: str) -> None:
+        import base64
+
+        reply = next((m["content"] for m in reversed(self.session.messages) if m["role"] == "assistant"), None)
+        if reply is None:
+            self.notice("nothing to copy yet")
+            return
+        # OSC 52: the terminal (also over ssh and in tmux with set-clipboard on) puts the text on the clipboard
+        self.out.write(f"\x1b]52;c;{base64.b64encode(reply.encode()).decode()}\x07")
+        self.out.flush()
+        self.notice(f"copied the last reply ({len(reply)} characters)")
 
     def cmd_tokens(self, arg: str) -> None:
         used, total = self.session.context_usage()

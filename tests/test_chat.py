@@ -346,3 +346,12 @@ def test_a_damaged_history_file_is_refused_and_left_alone(chatcli, tiny_llama: P
     assert str(db) in result.stderr and "Traceback" not in result.stderr
     assert db.read_bytes() == before
     assert chatcli("chat", "-m", str(tiny_llama), "--no-history", input="hello\n").returncode == 0
+
+
+def test_repl_copy_sends_the_last_reply_to_the_terminal_clipboard(history: History) -> None:
+    import base64
+
+    session = make_session(history, "Copy me.")
+    out, err = run_repl(session, "/copy\rhi\r/copy\r/exit\r")
+    assert "nothing to copy yet" in err
+    assert out == "Copy me.\n" + f"\x1b]52;c;{base64.b64encode(b'Copy me.').decode()}\x07"
