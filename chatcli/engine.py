@@ -255,7 +255,7 @@ class LlamaEngine:
         default_ctx: int | None = None,
         n_threads: int | None = None,
         gpu_layers: str | int = "auto",
-        flash_attn: bool = False,
+        flash_attn: bool = True,
         verbose: bool = False,
     ) -> None:
         from chatcli.gguf_info import read_gguf

@@ -19,7 +19,7 @@ class LoadOptions:
     ctx_size: int | None = None
     threads: int | None = None
     gpu_layers: str = "auto"
-    flash_attn: bool = False
+    flash_attn: bool = True
     verbose: bool = False
 
 

@@ -62,8 +62,13 @@ def _lib_version() -> str:
     return str(llama_cpp.__version__)
 
 
-def _group_hash(model_id: str, n_ctx: int) -> hashlib._Hash:
-    return hashlib.sha256(json.dumps([FORMAT, model_id, n_ctx, _lib_version()]).encode())
+def _flash(engine: object) -> bool:
+    """Flash attention changes the KV cache layout of the same model: a state from one never fits the other."""
+    return bool(getattr(engine, "flash_attn", False))
+
+
+def _group_hash(model_id: str, n_ctx: int, flash_attn: bool) -> hashlib._Hash:
+    return hashlib.sha256(json.dumps([FORMAT, model_id, n_ctx, flash_attn, _lib_version()]).encode())
 
 
 def _pack(tokens: Sequence[int]) -> bytes:
@@ -124,7 +129,7 @@ class SnapshotStore:
         tokens = engine.cached_tokens
         if len(tokens) < MIN_TOKENS:
             return None
-        key = _group_hash(model_id, engine.n_ctx)
+        key = _group_hash(model_id, engine.n_ctx, _flash(engine))
         group = key.hexdigest()[:16]
         key.update(_pack(tokens))
         stem = f"{group}-{len(tokens)}-{key.hexdigest()[:32]}"
@@ -140,7 +145,8 @@ class SnapshotStore:
             if engine.save_state(raw) != len(tokens):
                 raise OSError("the engine saved a different number of tokens than it holds")
             compressed, digest, size, raw_size = _store(raw, packed)
-            record = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx, "lib_version": _lib_version(),
+            record = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx, "flash_attn": _flash(engine),
+                      "lib_version": _lib_version(),
                       "n_tokens": len(tokens), "sha256": digest, "compressed": compressed, "size": size,
                       "raw_size": raw_size, "created": time.time(), "tokens": tokens}
             body = json.dumps(record, separators=(",", ":"))
@@ -170,7 +176,7 @@ class SnapshotStore:
         engine is reset. Either way the caller's prefill then gives the right answer.
         """
         tokens = [int(t) for t in tokens]
-        for n, stem in self._candidates(model_id, engine.n_ctx, tokens):
+        for n, stem in self._candidates(model_id, engine.n_ctx, _flash(engine), tokens):
             live = engine.cached_tokens  # again after each failure: a failed load resets the engine
             if live[:n] == tokens[:n]:
                 return 0
@@ -198,9 +204,9 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _candidates(self, model_id: str, n_ctx: int, tokens: list[int]) -> list[tuple[int, str]]:
+    def _candidates(self, model_id: str, n_ctx: int, flash_attn: bool, tokens: list[int]) -> list[tuple[int, str]]:
         """(n, stem) of the entries whose key is that of tokens[:n], longest first."""
-        hasher = _group_hash(model_id, n_ctx)
+        hasher = _group_hash(model_id, n_ctx, flash_attn)
         group = hasher.hexdigest()[:16]
         named: dict[int, list[str]] = {}
         for meta in self.root.glob(f"{group}-*.json"):
@@ -221,7 +227,7 @@ class SnapshotStore:
         touched = False
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            expected = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx,
+            expected = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx, "flash_attn": _flash(engine),
                         "lib_version": _lib_version(), "n_tokens": len(tokens), "tokens": tokens}
             if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
                 raise _Damaged("metadata does not match")

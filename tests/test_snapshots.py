@@ -489,3 +489,13 @@ def test_two_processes_saving_at_once_do_not_corrupt_each_other(engines, store, 
     for name in store.root.glob("*.json"):
         tokens = json.loads(name.read_text())["tokens"]
         assert store.restore(engines(), tokens, model_id="m") == len(tokens)
+
+
+def test_a_snapshot_is_not_used_across_flash_attention_settings(engines, store, tiny_llama: Path) -> None:
+    """The KV cache layout differs with flash attention: such a state must never be restored."""
+    model_id = model_identity(tiny_llama)
+    saver = engines(flash_attn=False)
+    _, grown = conversation(saver)
+    assert store.save(saver, model_id=model_id) is not None
+    assert store.restore(engines(flash_attn=True), grown, model_id=model_id) == 0
+    assert store.restore(engines(flash_attn=False), grown, model_id=model_id) > 0
