@@ -139,25 +139,15 @@ def _restore(engine: LlamaEngine, tokens: list[int]):  # noqa: ANN202
 
 def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequest) -> None:  # noqa: ANN001
     """Snapshot the prompt's state: only its repeating part (stdin) when there is one, so the next question hits."""
-    from chatcli.errors import ChatcliError
     from chatcli.snapshots import model_identity
 
-    keep = len(tokens)
+    target, margin = tokens, 0
     if request.cache_prefix:
         from chatcli.runner import wants_bos
 
-        prefix = engine.tokenize(request.cache_prefix, add_bos=wants_bos(engine, request.cache_prefix))
-        keep = 0
-        for a, b in zip(tokens, prefix, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = max(0, keep - 1)  # the last token of a prefix may merge differently with what follows
-    engine.truncate(keep)
-    try:
-        store.save(engine, model_id=model_identity(engine.path))
-    except ChatcliError:
-        pass  # a snapshot is a shortcut; the completion itself succeeded
+        target = engine.tokenize(request.cache_prefix, add_bos=wants_bos(engine, request.cache_prefix))
+        margin = 1  # the last token of a prefix may merge differently with what follows
+    store.save_prefix(engine, target, model_id=model_identity(engine.path), margin=margin)
 
 
 def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: LlamaEngine, prompt: str) -> None:

@@ -259,15 +259,5 @@ class ChatSession:
             history_tokens = self.tokens_for(self.messages)
         except ChatcliError:  # the whole conversation no longer fits: the next prompt drops turns anyway
             return
-        cached = self.engine.cached_tokens  # type: ignore[attr-defined]
-        common = 0
-        for a, b in zip(cached, history_tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        if common < len(cached):
-            self.engine.truncate(common)  # type: ignore[attr-defined]  # keep what a re-render starts with
-        try:
-            self.snapshots.save(self.engine, model_id=self.model_id)
-        except ChatcliError:
-            pass  # e.g. the cache disk is full: the conversation itself is safe in history
+        # keep only what a re-rendered conversation starts with: then it is a prefix of the next prompt
+        self.snapshots.save_prefix(self.engine, history_tokens, model_id=self.model_id)

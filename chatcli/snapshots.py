@@ -41,6 +41,7 @@ class StatefulEngine(Protocol):
     def save_state(self, path: Path) -> int: ...
     def load_state(self, path: Path) -> list[int]: ...
     def reset(self) -> None: ...
+    def truncate(self, n_tokens: int) -> None: ...
 
 
 class _Damaged(Exception):
@@ -123,6 +124,27 @@ class SnapshotStore:
     def __init__(self, root: Path | None = None, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) if root is not None else paths.cache_dir() / "snapshots"
         self.max_bytes = max_bytes if max_bytes is not None else _max_bytes_from_env()
+
+    def save_prefix(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str,
+                    margin: int = 0) -> Path | None:
+        """Best effort: keep only what the context shares with `tokens` (less `margin`), then save it.
+
+        Callers pass the tokens a later prompt will start with, so the snapshot is always a prefix of it.
+        A failure (e.g. a full disk) just means no snapshot: None.
+        """
+        cached = engine.cached_tokens
+        common = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = max(0, common - margin)
+        if common < len(cached):
+            engine.truncate(common)
+        try:
+            return self.save(engine, model_id=model_id)
+        except ChatcliError:
+            return None
 
     def save(self, engine: StatefulEngine, *, model_id: str) -> Path | None:
         """Snapshot the engine's cached tokens; returns the state file, or None when not worth keeping."""
