@@ -37,6 +37,7 @@ class HubUnreachableError(DownloadError):
 class PullProgress(Protocol):
     def start(self, name: str, total: int, done: int) -> None: ...
     def advance(self, nbytes: int) -> None: ...
+    def note(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -316,7 +317,7 @@ def fetch_file(remote: RemoteFile, revision: str, progress: PullProgress | None 
     blob = blobs / remote.sha256
     partial = blobs / f"{remote.sha256}.incomplete"
     def waiting() -> None:
-        if progress is not None and hasattr(progress, "note"):
+        if progress is not None:
             progress.note(f"another process is downloading {remote.filename}; waiting for it")
 
     with _blob_lock(remote.repo, remote.sha256, waiting):
