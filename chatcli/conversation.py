@@ -66,6 +66,7 @@ class ChatSession:
     messages: list[Message] = field(default_factory=list)  # user/assistant turns, oldest first
     interrupted: set[int] = field(default_factory=set)  # indexes of replies cut short
     _reset_cache: bool = True
+    _usage: tuple[tuple[Any, ...], tuple[int, int]] | None = None  # (what it was computed for, the answer)
 
     # -------------------------------------------------------- conversation state
 
@@ -157,14 +158,25 @@ class ChatSession:
             dropped += nxt
 
     def context_usage(self) -> tuple[int, int]:
-        """(tokens the conversation takes now, context window)."""
+        """(tokens the conversation takes now, context window).
+
+        The REPL's toolbar asks on every redraw (each key press): render and tokenise only when the
+        conversation, system prompt, settings or model changed since the last answer.
+        """
+        key = (id(self.engine), self.fmt, self.system, self.conversation_id, len(self.messages),
+               self.messages[-1]["content"] if self.messages else None, self.settings.get("max_tokens"))
+        if self._usage is not None and self._usage[0] == key:
+            return self._usage[1]
         if not self.messages and not self.system:
-            return 0, self.engine.n_ctx
-        try:
-            tokens, _ = self.fit()
-        except ContextOverflowError:
-            return self.engine.n_ctx, self.engine.n_ctx
-        return len(tokens), self.engine.n_ctx
+            usage = (0, self.engine.n_ctx)
+        else:
+            try:
+                tokens, _ = self.fit()
+                usage = (len(tokens), self.engine.n_ctx)
+            except ContextOverflowError:
+                usage = (self.engine.n_ctx, self.engine.n_ctx)
+        self._usage = (key, usage)
+        return usage
 
     # -------------------------------------------------------- replies
 

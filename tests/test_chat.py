@@ -355,3 +355,17 @@ def test_repl_copy_sends_the_last_reply_to_the_terminal_clipboard(history: Histo
     out, err = run_repl(session, "/copy\rhi\r/copy\r/exit\r")
     assert "nothing to copy yet" in err
     assert out == "Copy me.\n" + f"\x1b]52;c;{base64.b64encode(b'Copy me.').decode()}\x07"
+
+
+def test_context_usage_follows_the_conversation(history: History) -> None:
+    session = make_session(history, "a reply", "another reply")
+    assert session.context_usage() == (0, 4096)
+    "".join(session.send("first"))
+    after_one = session.context_usage()[0]
+    "".join(session.send("second"))
+    after_two = session.context_usage()[0]
+    assert 0 < after_one < after_two
+    session.undo()
+    assert session.context_usage()[0] == after_one
+    session.set_system("a long system prompt " * 10)
+    assert session.context_usage()[0] > after_one
