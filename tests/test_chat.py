@@ -252,13 +252,21 @@ def test_two_chats_writing_history_at_once_lose_nothing(tiny_llama: Path, home: 
     procs = []
     for n in range(2):
         with (tmp_path / f"out{n}").open("wb") as out, (tmp_path / f"err{n}").open("wb") as err:
+            # one thread each: two llama.cpp processes with a thread per core each slow to a crawl on 2 cores
+            # (OpenMP spin-waits), which is not what this test is about
             procs.append(subprocess.Popen([sys.executable, "-m", "chatcli", "chat", "-m", str(tiny_llama)],
-                                          stdin=subprocess.PIPE, stdout=out, stderr=err, env=os.environ.copy()))
-    for proc in procs:
-        proc.stdin.write(lines)
-        proc.stdin.close()
-    for n, proc in enumerate(procs):
-        assert proc.wait(timeout=120) == 0, (tmp_path / f"err{n}").read_text()
+                                          stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                          env={**os.environ, "CHATCLI_THREADS": "1"}))
+    try:
+        for proc in procs:
+            proc.stdin.write(lines)
+            proc.stdin.close()
+        for n, proc in enumerate(procs):
+            assert proc.wait(timeout=120) == 0, (tmp_path / f"err{n}").read_text()
+    finally:
+        for proc in procs:  # on a failure, leave no process behind to trip a later test
+            proc.kill()
+            proc.wait()
     with History() as store:
         conversations = store.list()
         assert len(conversations) == 2
