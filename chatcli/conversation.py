@@ -129,7 +129,7 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + turns
 
     def tokens_for(self, turns: list[Message]) -> list[int]:
-        from chatcli.runner import prompt_tokens
+        from chatcli.prompting import prompt_tokens
 
         text = self.fmt.render(self._all_messages(turns), add_generation_prompt=True)
         return prompt_tokens(self.engine, text, reserve=1, truncate=False)  # type: ignore[arg-type]

@@ -133,7 +133,7 @@ def run_repl(session: ChatSession, keys: str) -> tuple[str, str]:
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
 
-    from chatcli.repl import Repl
+    from chatcli.cli.repl import Repl
 
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe:
@@ -204,7 +204,7 @@ def test_repl_ctrl_c_during_a_reply_returns_to_the_prompt(history: History) -> N
 def test_tab_completion_offers_the_slash_commands(history: History) -> None:
     from prompt_toolkit.document import Document
 
-    from chatcli.repl import Repl
+    from chatcli.cli.repl import Repl
 
     repl = Repl(make_session(history), markdown=False)
     completer = repl._prompt_session().completer
@@ -331,7 +331,7 @@ def test_repl_model_switch_keeps_the_conversation(history: History) -> None:
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
 
-    from chatcli.repl import Repl
+    from chatcli.cli.repl import Repl
 
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe:

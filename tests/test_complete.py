@@ -168,7 +168,7 @@ def test_wrong_architecture_fails_to_load_cleanly(chatcli, tmp_path: Path) -> No
 
 def test_chat_uses_the_models_template(tiny_llama: Path) -> None:
     """--chat renders the GGUF's own (ChatML) template; asserted on the rendered prompt."""
-    from chatcli.completing import CompletionRequest, render_prompt
+    from chatcli.completion import CompletionRequest, render_prompt
     from chatcli.engine import LlamaEngine, SamplingOptions
     from chatcli.registry import load_catalogue, parse_ref
 

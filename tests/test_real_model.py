@@ -59,7 +59,7 @@ def test_json_schema_output_parses_and_validates(chatcli, smollm2: Path, tmp_pat
 
 
 def test_chat_renders_smollm2s_own_template(smollm2: Path) -> None:
-    from chatcli.completing import CompletionRequest, render_prompt
+    from chatcli.completion import CompletionRequest, render_prompt
     from chatcli.engine import LlamaEngine, SamplingOptions
     from chatcli.registry import load_catalogue, parse_ref
 

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from chatcli import config, console, paths
+from chatcli import config, paths
+from chatcli.cli import console
 from chatcli.conversation import ChatSession
 from chatcli.errors import HistoryError
 from chatcli.snapshots import model_identity
@@ -24,7 +25,7 @@ def start(
     variables: tuple[str, ...] = (),
     open_engine: Callable[[str | None], tuple[Any, Any]],
 ) -> int:
-    from chatcli import runner
+    from chatcli.prompting import chat_format
     from chatcli.history import History
 
     settings: dict[str, Any] = {}
@@ -55,7 +56,7 @@ def start(
 
     def load(ref_text: str | None) -> tuple[Any, Any, str, str]:
         ref, engine = open_engine(ref_text)
-        fmt, warning = runner.chat_format(engine, ref, chat_template)
+        fmt, warning = chat_format(engine, ref, chat_template)
         if warning:
             console.warn(warning)
         return engine, fmt, ref.display, model_identity(engine.path)
@@ -73,7 +74,7 @@ def start(
         session.load(resume.id)
         if system:  # -s given with --continue: it replaces the stored system prompt
             session.set_system(system)
-    from chatcli.repl import Repl
+    from chatcli.cli.repl import Repl
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     repl = Repl(session, load_model=load,

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from chatcli.cli import _ref, cli
+from chatcli.cli.common import model_ref as _ref
 
 
-@cli.group("config")
+@click.group("config")
 def config_group() -> None:
     """Show or change settings (the config file, overridden by CHATCLI_* variables)."""
 
@@ -41,7 +41,8 @@ def config_show(as_json: bool) -> None:
 @click.argument("value")
 def config_set(name: str, value: str) -> None:
     """Set NAME to VALUE in the config file (e.g. `chatcli config set default_model qwen2.5`)."""
-    from chatcli import config, console
+    from chatcli import config
+    from chatcli.cli import console
 
     if name == "default_model":
         _ref(value)  # refuse a reference that cannot work
@@ -61,7 +62,7 @@ def config_unset(name: str) -> None:
 # ---------------------------------------------------------------- history
 
 
-@cli.group("history")
+@click.group("history")
 def history_group() -> None:
     """List, show, export or delete stored conversations."""
 
@@ -78,7 +79,7 @@ def _history():  # noqa: ANN202
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def history_list(limit: int, search: str | None, as_json: bool) -> None:
     """Recent conversations, newest first."""
-    from chatcli import console
+    from chatcli.cli import console
 
     with _history() as store:
         rows = store.list(limit=limit, search=search)
@@ -116,7 +117,7 @@ def history_rm(conversation_id: str, yes: bool) -> None:
     """Delete a conversation."""
     import sys
 
-    from chatcli import console
+    from chatcli.cli import console
     from chatcli.errors import ChatcliError
 
     with _history() as store:
@@ -133,7 +134,7 @@ def history_rm(conversation_id: str, yes: bool) -> None:
 # ---------------------------------------------------------------- prompt templates
 
 
-@cli.group("templates")
+@click.group("templates")
 def templates_group() -> None:
     """Your prompt templates: a system prompt, a prompt with {input} and variables, default options."""
 
@@ -141,7 +142,8 @@ def templates_group() -> None:
 @templates_group.command("list")
 def templates_list() -> None:
     """List your prompt templates."""
-    from chatcli import console, prompt_templates
+    from chatcli import prompt_templates
+    from chatcli.cli import console
 
     templates = prompt_templates.list_templates()
     if not templates:
@@ -165,7 +167,8 @@ def templates_show(name: str) -> None:
 @click.argument("name")
 def templates_edit(name: str) -> None:
     """Create or edit a template in $EDITOR (checked when you save)."""
-    from chatcli import console, prompt_templates
+    from chatcli import prompt_templates
+    from chatcli.cli import console
 
     path = prompt_templates.template_path(name)
     original = path.read_text(encoding="utf-8") if path.exists() else prompt_templates.new_template_text(name)
@@ -188,7 +191,7 @@ def templates_edit(name: str) -> None:
 # ---------------------------------------------------------------- snapshots cache
 
 
-@cli.group("cache")
+@click.group("cache")
 def cache_group() -> None:
     """Conversation state snapshots (so `chat --continue` does not re-read the whole history)."""
 
@@ -197,7 +200,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def cache_info(as_json: bool) -> None:
     """How many snapshots, how much disk they take, and the cap."""
-    from chatcli import console
+    from chatcli.cli import console
     from chatcli.snapshots import SnapshotStore
 
     info = SnapshotStore().info()
@@ -212,7 +215,10 @@ def cache_info(as_json: bool) -> None:
 @cache_group.command("clear")
 def cache_clear() -> None:
     """Delete every snapshot."""
-    from chatcli import console
+    from chatcli.cli import console
     from chatcli.snapshots import SnapshotStore
 
     console.info(f"freed {console.size(SnapshotStore().clear())}")
+
+
+COMMANDS = [config_group, history_group, templates_group, cache_group]

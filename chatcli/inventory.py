@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from chatcli import hub, store
-from chatcli.errors import GGUFError, ModelNotPresentError
+from chatcli import store
+from chatcli.errors import GGUFError
 from chatcli.gguf_info import GGUFInfo, read_gguf
+from chatcli.loading import resolve_present
 from chatcli.registry import Catalogue, ModelRef, ModelSpec
 
 
@@ -53,17 +54,6 @@ def available_rows(catalogue: Catalogue) -> list[dict]:
             "description": spec.description,
         })
     return rows
-
-
-def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.LocalModel | None]:
-    """The file to open for a reference, or ModelNotPresentError naming the pull command."""
-    if ref.kind == "local":
-        assert ref.local_path is not None
-        return ref.local_path, None
-    model = hub.locate(ref, revision)
-    if model is None:
-        raise ModelNotPresentError(f"model {ref.display} is not downloaded: run `chatcli pull {ref.raw}`")
-    return model.path, model
 
 
 def _revision(model: store.LocalModel | None, spec: ModelSpec | None) -> str | None:

@@ -62,7 +62,7 @@ class Repl:
         pt_input: Any = None,
         pt_output: Any = None,
     ) -> None:
-        from chatcli import console
+        from chatcli.cli import console
 
         self.session = session
         self.out = out or sys.stdout
@@ -281,7 +281,7 @@ class Repl:
                     + f" (chatcli chat --conversation {session.conversation_id})")
 
     def cmd_history(self, arg: str) -> None:
-        from chatcli import console
+        from chatcli.cli import console
 
         if self.session.history is None:
             self.notice("history is off", style="red")

@@ -1,4 +1,4 @@
-"""From a model reference to a loaded engine: default model, pull on first use, chat format, prompt tokens."""
+"""From a model reference to a loaded engine: the default model, the file on disk (pulled on first use), loading."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatcli import config, store
-from chatcli.chat_templates import ChatFormat, choose_format
+from chatcli import config, hub, store
 from chatcli.engine import LlamaEngine
-from chatcli.errors import ContextOverflowError, ModelNotPresentError, UsageError
-from chatcli.listing import resolve_present
+from chatcli.errors import ModelNotPresentError, UsageError
 from chatcli.registry import ModelRef, load_catalogue, parse_ref
 
 
@@ -32,6 +30,17 @@ def default_model_ref() -> str:
 
 def resolve(ref_text: str | None) -> ModelRef:
     return parse_ref(ref_text or default_model_ref(), load_catalogue())
+
+
+def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.LocalModel | None]:
+    """The file to open for a reference, or ModelNotPresentError naming the pull command."""
+    if ref.kind == "local":
+        assert ref.local_path is not None
+        return ref.local_path, None
+    model = hub.locate(ref, revision)
+    if model is None:
+        raise ModelNotPresentError(f"model {ref.display} is not downloaded: run `chatcli pull {ref.raw}`")
+    return model.path, model
 
 
 def ensure_present(
@@ -71,39 +80,3 @@ def load(ref: ModelRef, path: Path, options: LoadOptions) -> LlamaEngine:
     )
     store.mark_used(path)
     return engine
-
-
-def chat_format(engine: LlamaEngine, ref: ModelRef, requested: str | None = None) -> tuple[ChatFormat, str | None]:
-    """The chat template for this model: --template, else the catalogue's, else the GGUF's own (sandboxed)."""
-    info = engine.info
-    wanted = requested or (ref.spec.template if ref.spec else None) or "auto"
-    return choose_format(
-        requested=wanted,
-        gguf_template=info.chat_template,
-        architecture=info.architecture,
-        bos_token=info.bos_token or "",
-        eos_token=info.eos_token or "",
-        eot_token=info.eot_token or "",
-    )
-
-
-def wants_bos(engine: LlamaEngine, text: str) -> bool:
-    """Whether to add the model's BOS token: when it uses one and the text (a rendered template) has none."""
-    bos = engine.info.bos_token
-    return bool(engine.add_bos and not (bos and text.startswith(bos)))
-
-
-def prompt_tokens(engine: LlamaEngine, text: str, *, reserve: int, truncate: bool) -> list[int]:
-    """Tokenise a prompt (no second BOS when the text starts with one); keep its tail if `truncate`."""
-    add_bos = wants_bos(engine, text)
-    tokens = engine.tokenize(text, add_bos=add_bos)
-    limit = engine.n_ctx - max(1, reserve)
-    if len(tokens) <= limit:
-        return tokens
-    if not truncate:
-        raise ContextOverflowError(
-            f"the prompt is {len(tokens)} tokens but the context window is {engine.n_ctx} "
-            f"(with {reserve} kept for the reply): shorten it, raise --ctx-size, or pass --truncate to keep its end"
-        )
-    head = tokens[:1] if add_bos else []
-    return head + tokens[len(tokens) - (limit - len(head)):]

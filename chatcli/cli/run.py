@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from chatcli.cli import ChatcliError, _ref, cli  # noqa: F401 - _ref used by helpers
 
 
 def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
@@ -29,7 +28,7 @@ def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
 
 def _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose):  # noqa: ANN001, ANN202
     from chatcli import config
-    from chatcli.runner import LoadOptions
+    from chatcli.loading import LoadOptions
 
     if ctx_size is not None and ctx_size < 16:
         raise click.BadParameter("must be 16 or more", param_hint="--ctx-size")
@@ -49,7 +48,7 @@ def _ask_to_pull(ref) -> bool:  # noqa: ANN001
     """On a terminal, offer to download a missing model once; elsewhere, never ask."""
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return False
-    from chatcli import console
+    from chatcli.cli import console
 
     size = ""
     mirror = next((m for m in (ref.spec.mirrors if ref.spec else ()) if m.quant == ref.quant and m.size), None)
@@ -59,17 +58,18 @@ def _ask_to_pull(ref) -> bool:  # noqa: ANN001
 
 
 def _open_engine(model_ref_text, pull, load_options):  # noqa: ANN001, ANN202
-    from chatcli import console, runner
+    from chatcli import loading
+    from chatcli.cli import console
 
-    ref = runner.resolve(model_ref_text)
+    ref = loading.resolve(model_ref_text)
 
     def pulled(result) -> None:  # noqa: ANN001
         via = "" if result.source == "hub" else f" from {result.source}"
         console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
 
-    path = runner.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
+    path = loading.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
                                  on_pulled=pulled, notice=console.warn)
-    engine = runner.load(ref, path, load_options)
+    engine = loading.load(ref, path, load_options)
     if load_options.verbose:
         from chatcli.engine import gpu_offload_supported
 
@@ -105,7 +105,7 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
     return None
 
 
-@cli.command()
+@click.command()
 @click.argument("text", required=False)
 @model_options
 @click.option("-n", "--max-tokens", type=int, default=None, help="Stop after N tokens (default: until the model ends).")
@@ -139,7 +139,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
       chatcli complete "The quick brown fox"
       cat notes.txt | chatcli complete "Summary:" | tee out.txt
     """
-    from chatcli import completing, console
+    from chatcli import completion
+    from chatcli.cli import console
     from chatcli.errors import UsageError
 
     if as_json and as_jsonl:
@@ -147,7 +148,7 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     if variables and not prompt_template:
         raise UsageError("--var needs -t/--template")
     stdin_text = _read_stdin()
-    prompt = completing.join_prompt(text, stdin_text, allow_empty=prompt_template is not None)
+    prompt = completion.join_prompt(text, stdin_text, allow_empty=prompt_template is not None)
     defaults: dict = {}
     if prompt_template:
         from chatcli import prompt_templates
@@ -162,9 +163,9 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         raise UsageError("--system needs --chat")
     given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  repeat_penalty=repeat_penalty, seed=seed, stop=stop or None)
-    request = completing.CompletionRequest(
+    request = completion.CompletionRequest(
         prompt=prompt,
-        options=completing.sampling_options(defaults=defaults, grammar=_grammar_source(grammar_file, json_schema),
+        options=completion.sampling_options(defaults=defaults, grammar=_grammar_source(grammar_file, json_schema),
                                             **given),
         chat=as_chat,
         system=system,
@@ -176,10 +177,10 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     ref, engine = _open_engine(model, pull, load_options)
     mode = "json" if as_json else "jsonl" if as_jsonl else "text"
-    completing.run(engine, ref, request, completing.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
+    completion.run(engine, ref, request, completion.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
 
 
-@cli.command()
+@click.command()
 @model_options
 @click.option("-s", "--system", help="System prompt.")
 @click.option("-t", "--template", "prompt_template", metavar="NAME", help="Start from one of your prompt templates.")
@@ -196,13 +197,13 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
     Replies stream as Markdown; Ctrl-C stops a reply, Ctrl-D leaves. /help lists the commands.
     Every turn is stored as it happens: `chatcli chat --continue` picks up where you left off.
     """
-    from chatcli import chatting
+    from chatcli.cli.chat import start as start_chat
     from chatcli.errors import UsageError
 
     if continue_ and conversation_id:
         raise UsageError("use either --continue or --conversation, not both")
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
-    code = chatting.start(
+    code = start_chat(
         model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
         continue_latest=continue_, conversation_id=conversation_id, history=not no_history, variables=variables,
         open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
@@ -210,7 +211,7 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
     sys.exit(code)
 
 
-@cli.command()
+@click.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt-tokens", "n_prompt", type=click.IntRange(1, 16384), default=512, show_default=True,
               help="Prompt length for the prompt-processing test.")
@@ -227,7 +228,7 @@ def bench(model, n_prompt, n_gen, repetitions, ctx_size, threads, gpu_layers, fl
           as_json) -> None:  # noqa: ANN001
     """Measure prompt processing and generation speed on this machine (like llama-bench)."""
     from chatcli import bench as benchlib
-    from chatcli import console
+    from chatcli.cli import console
 
     default_ctx = max(n_prompt + 1, 64 + n_gen) + 16  # pp needs the prompt, tg a short prompt + n_gen
     load_options = _load_options(ctx_size or default_ctx, threads, gpu_layers, flash_attn, False)
@@ -251,3 +252,6 @@ def _nothing():  # noqa: ANN202
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+COMMANDS = [complete, chat, bench]

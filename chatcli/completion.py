@@ -86,7 +86,7 @@ def render_prompt(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest
     """The text the model reads, and the stop strings the chat template adds."""
     if not request.chat:
         return request.prompt, ()
-    from chatcli.runner import chat_format
+    from chatcli.prompting import chat_format
 
     fmt, warning = chat_format(engine, ref, request.template)
     if warning:
@@ -98,7 +98,7 @@ def render_prompt(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest
 
 
 def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Output) -> GenerationResult:
-    from chatcli.runner import prompt_tokens
+    from chatcli.prompting import prompt_tokens
 
     text, template_stops = render_prompt(engine, ref, request, out.warn)
     options = request.options
@@ -143,7 +143,7 @@ def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequ
 
     target, margin = tokens, 0
     if request.cache_prefix:
-        from chatcli.runner import wants_bos
+        from chatcli.prompting import wants_bos
 
         target = engine.tokenize(request.cache_prefix, add_bos=wants_bos(engine, request.cache_prefix))
         margin = 1  # the last token of a prefix may merge differently with what follows

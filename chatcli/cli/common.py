@@ -1,0 +1,32 @@
+"""Helpers every command module shares: the catalogue, references, how `list` names a model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatcli.registry import Catalogue, ModelRef
+    from chatcli.store import LocalModel
+
+
+def catalogue() -> Catalogue:
+    from chatcli.registry import load_catalogue
+
+    return load_catalogue()
+
+
+def model_ref(text: str, quant: str | None = None) -> ModelRef:
+    from chatcli.registry import parse_ref
+
+    return parse_ref(text, catalogue(), quant=quant)
+
+
+def display(model: LocalModel, catalogue: Catalogue) -> str:
+    """How `list` names a cached model: alias:QUANT for catalogue repos, else owner/repo:QUANT or the file."""
+    alias = catalogue.alias_for_repo(model.repo)
+    quant = model.quant
+    if alias and quant and catalogue.get(alias).file_for(quant) == model.filename:
+        return f"{alias}:{quant}"
+    if quant:
+        return f"{model.repo}:{quant}"
+    return f"{model.repo}/{model.filename}"
