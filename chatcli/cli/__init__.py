@@ -5,8 +5,11 @@ Nothing heavy is imported at module level: `chatcli --help` must not load llama_
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -19,14 +22,73 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 error, 2 usage error, 3 context overflow,
 class _Group(click.Group):
     aliases = {"ls": "list"}
 
-    order = ("chat", "complete", "pull", "list", "show", "rm", "bench", "history", "templates", "config", "cache")
+    order = ("chat", "complete", "serve", "pull", "list", "show", "rm", "bench", "history", "templates", "config",
+             "cache")
+
+    # command -> the chatcli.cli module that defines it (in its COMMANDS): only the module of the command that
+    # runs is imported, so `chatcli complete` starts without the others (tests/test_lazy_imports.py checks the map)
+    modules = {
+        "complete": "run", "chat": "run", "bench": "run", "serve": "serve",
+        "pull": "models", "list": "models", "show": "models", "rm": "models",
+        "config": "manage", "history": "manage", "templates": "manage", "cache": "manage",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Most used first."""
-        return sorted(self.commands, key=lambda name: self.order.index(name) if name in self.order else 99)
+        names = set(self.commands) | set(self.modules)
+        return sorted(names, key=lambda name: self.order.index(name) if name in self.order else 99)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return super().get_command(ctx, self.aliases.get(name, name))
+        name = self.aliases.get(name, name)
+        if name not in self.commands and name in self.modules:
+            import importlib
+
+            module = importlib.import_module(f"chatcli.cli.{self.modules[name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, name)
+
+    # click's Command.main turns EPIPE into sys.exit(1) before `main` below can see it (even with
+    # standalone_mode=False); these two hooks run inside it and hand a closed stdout on as OutputClosed.
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: object) -> click.Context:
+        with _closed_stdout_is_output_closed():  # --help, --version, usage errors print here
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+
+    def invoke(self, ctx: click.Context) -> object:
+        with _closed_stdout_is_output_closed():
+            return super().invoke(ctx)
+
+
+class _OtherBrokenPipe(Exception):
+    """EPIPE on something other than stdout: an error to report, not a reader that left."""
+
+
+@contextmanager
+def _closed_stdout_is_output_closed() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        if not _stdout_reader_gone():
+            raise _OtherBrokenPipe(f"broken pipe: {exc}") from exc
+        raise OutputClosed("stdout was closed") from None
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader went away (poll says POLLERR/POLLHUP on its end)."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: cannot tell, and stdout is what we write to
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, ValueError, OSError):
+        return True
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -35,17 +97,6 @@ class _Group(click.Group):
 def cli(debug: bool) -> None:
     """Chat with and complete text from local GGUF models (llama.cpp)."""
 
-
-def _register(group: click.Group) -> None:
-    """Each command module defines its commands; the group is made here and imports them (no cycle)."""
-    from chatcli.cli import manage, models, run
-
-    for module in (models, run, manage):
-        for command in module.COMMANDS:
-            group.add_command(command)
-
-
-_register(cli)
 
 
 # ---------------------------------------------------------------- entry point
@@ -84,13 +135,28 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback with --debug
         _report(exc, debug, internal=True)
         code = ExitCode.ERROR
+    _flush_stdout()
     sys.exit(int(code or 0))
+
+
+def _flush_stdout() -> None:
+    """Flush what is still buffered now, while a closed reader can be handled quietly (not at interpreter exit)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except (AttributeError, ValueError, OSError):  # no stdout, or already closed by someone else
+        pass
 
 
 def _silence_stdout() -> None:
     """The reader went away (`| head`): keep Python from complaining when it flushes stdout at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, ValueError, OSError):  # stdout is not a real file: nothing will flush into a pipe
+        pass
 
 
 def _report(exc: BaseException, debug: bool, internal: bool = False) -> None:
