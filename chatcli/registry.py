@@ -5,11 +5,12 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from chatcli import paths
+from chatcli.engine import SETTINGS, InvalidSetting, SamplingOptions
 from chatcli.errors import CatalogueError, UnknownModelError, UsageError
 
 SHIPPED_CATALOGUE = Path(__file__).with_name("models.toml")
@@ -18,7 +19,8 @@ _ENTRY_KEYS = {
     "repo", "description", "license", "files", "file_pattern", "quants", "default_quant",
     "template", "context", "options", "mirrors",
 }
-_OPTION_KEYS = {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens"}
+# default sampling per model: any setting but the seed (a fixed seed is a choice for one run, not for a model)
+_OPTION_KEYS = {f.name: f.metadata["kind"] for f in SETTINGS if f.name != "seed"}
 _MIRROR_KEYS = {"type", "quant", "package", "version", "path", "sha256", "size"}
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -49,7 +51,7 @@ class ModelSpec:
     default_quant: str | None = None
     template: str = "auto"
     context: int | None = None
-    options: dict[str, float] = field(default_factory=dict)
+    options: dict[str, int | float] = field(default_factory=dict)  # default sampling settings for this model
     mirrors: tuple[Mirror, ...] = ()
     source: Path | None = None
 
@@ -179,6 +181,13 @@ def _entry(source: Path, alias: str, raw: object) -> ModelSpec:
             raise _fail(source, where, f"unknown option {key!r} (allowed: {', '.join(sorted(_OPTION_KEYS))})")
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise _fail(source, where, f"option {key!r} must be a number")
+        if _OPTION_KEYS[key] is int and not isinstance(value, int):
+            raise _fail(source, where, f"option {key!r} must be a whole number")
+    options = {k: _OPTION_KEYS[k](v) for k, v in options.items()}
+    try:
+        replace(SamplingOptions(), **options).validate()
+    except InvalidSetting as exc:
+        raise _fail(source, where, f"option {exc.name!r} {exc.why}") from None
     raw_mirrors = raw.get("mirrors", [])
     if not isinstance(raw_mirrors, list):
         raise _fail(source, where, "'mirrors' must be an array of tables ([[models.NAME.mirrors]])")
@@ -192,7 +201,7 @@ def _entry(source: Path, alias: str, raw: object) -> ModelSpec:
         default_quant=default_quant.upper() if default_quant else None,
         template=text("template", "auto") or "auto",
         context=context,
-        options={k: float(v) for k, v in options.items()},
+        options=options,
         mirrors=mirrors,
         source=source,
     )

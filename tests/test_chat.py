@@ -14,6 +14,7 @@ from ggufgen import make_llama
 
 from chatcli.chat_templates import builtin_format
 from chatcli.conversation import ChatSession
+from chatcli.engine import InvalidSetting
 from chatcli.errors import ContextOverflowError, UsageError
 from chatcli.history import History
 
@@ -117,8 +118,9 @@ def test_settings_reach_the_sampler(history: History) -> None:
     assert "".join(reply) == "a b c" and reply.result.finish_reason == "length"
     with pytest.raises(UsageError, match="temperature must be a number"):
         session.set("temperature", "hot")
-    with pytest.raises(UsageError, match="invalid value for --temperature"):
-        session.set("temperature", "99")
+    with pytest.raises(InvalidSetting, match="^temperature must be between 0 and 5$") as info:
+        session.set("temperature", "99")  # the library names the setting, not a flag of one front end
+    assert info.value.name == "temperature"
     with pytest.raises(UsageError, match="unknown setting 'colour'"):
         session.set("colour", "1")
 
@@ -155,8 +157,11 @@ def test_repl_chats_and_runs_slash_commands(history: History) -> None:
 
 def test_repl_bad_commands_get_one_line_hints(history: History) -> None:
     session = make_session(history)
-    _, err = run_repl(session, "/hlep\r/set temperature\r/set top_k many\r/load\r/load nosuchid\r/retry\r/exit\r")
+    _, err = run_repl(session, "/hlep\r/set temperature\r/set top_k many\r/set temperature 9\r/load\r/load nosuchid\r"
+                               "/retry\r/exit\r")
     lines = [line for line in err.splitlines() if line.strip()]
+    assert "temperature must be between 0 and 5 (/set temperature 0.7)" in lines
+    assert "--" not in err  # said as the REPL's command, not as a command-line flag
     assert any("unknown command /hlep" in line and "/help" in line for line in lines)
     assert any("usage: /set NAME VALUE" in line for line in lines)
     assert any("top_k must be a whole number" in line for line in lines)
@@ -323,7 +328,7 @@ def test_repl_model_switch_keeps_the_conversation(history: History) -> None:
 
     def load_model(ref: str):  # noqa: ANN202
         loads.append(ref)
-        return second, builtin_format("llama3"), "other-model", "other-id"
+        return second, builtin_format("llama3"), "other-model", "other-id", {"max_tokens": 2}
 
     import io
 
@@ -338,7 +343,8 @@ def test_repl_model_switch_keeps_the_conversation(history: History) -> None:
         pipe.send_text("hi\r/model other\ragain\r/exit\r")
         Repl(session, out=out, err=Console(file=err, width=200), markdown=False, pt_input=pipe,
              pt_output=DummyOutput(), load_model=load_model).run()
-    assert loads == ["other"] and out.getvalue() == "from the first model\nfrom the second model\n"
+    # the second model's own defaults (here max_tokens 2) apply from the switch on
+    assert loads == ["other"] and out.getvalue() == "from the first model\nfrom the\n"
     assert "now chatting with other-model" in err.getvalue()
     assert second.prompts[0].startswith("<|begin_of_text|>") and "hi" in second.prompts[0]  # same conversation
     assert history.get(session.conversation_id).model == "other-model"
@@ -377,3 +383,68 @@ def test_context_usage_follows_the_conversation(history: History) -> None:
     assert session.context_usage()[0] == after_one
     session.set_system("a long system prompt " * 10)
     assert session.context_usage()[0] > after_one
+
+
+# ---------------------------------------------------------------- sampling: flags, /set, templates, catalogue
+
+
+def stored_replies() -> list:
+    with History() as store:
+        return [t for t in store.turns(store.latest().id) if t.role == "assistant"]
+
+
+def test_chat_sampling_flags_win_over_a_continued_conversations_settings(chatcli, tiny_llama: Path) -> None:
+    bad = chatcli("chat", "-m", str(tiny_llama), "--temperature", "9", input="hello\n")
+    assert bad.returncode == 2 and "invalid value for --temperature: must be between 0 and 5" in bad.stderr
+    assert chatcli("chat", "-m", str(tiny_llama), "-n", "3", "--temperature", "0", input="hello\n").returncode == 0
+    assert [t.completion_tokens for t in stored_replies()] == [3]
+    first = chatcli("chat", "-m", str(tiny_llama), "--temperature", "0", input="/set max_tokens 5\nhello\n")
+    assert first.returncode == 0, first.stderr
+    assert [t.completion_tokens for t in stored_replies()] == [5]
+    # --continue restores /set max_tokens 5; the flag wins over it; a /set during the chat changes it again
+    again = chatcli("chat", "--continue", "-n", "2", input="again\n/set max_tokens 4\nmore\n")
+    assert again.returncode == 0, again.stderr
+    assert [(t.completion_tokens, t.finish_reason) for t in stored_replies()] == [(5, "length"), (2, "length"),
+                                                                                  (4, "length")]
+
+
+def test_catalogue_options_are_the_models_defaults_in_chat(chatcli, fake_hub, tiny_llama: Path, home: Path) -> None:
+    from conftest import write_user_catalogue
+
+    write_user_catalogue(home, '[models.tiny]\nrepo = "test/tiny-GGUF"\nfiles = { Q8_0 = "tiny.Q8_0.gguf" }\n'
+                               "options = { temperature = 0, max_tokens = 5 }\n")
+    fake_hub.add_file("test/tiny-GGUF", "tiny.Q8_0.gguf", tiny_llama)
+    assert chatcli("pull", "tiny").returncode == 0
+    template = home / "config" / "templates" / "short.toml"
+    template.parent.mkdir(parents=True)
+    template.write_text('prompt = "{input}"\n[options]\nmax_tokens = 3\n')
+
+    runs = [chatcli("chat", "-m", "tiny", "--no-history", input="hello\n").stdout for _ in range(2)]
+    greedy = chatcli("chat", "-m", str(tiny_llama), "--no-history", "--temperature", "0", "-n", "5",
+                     input="hello\n").stdout
+    assert runs == [greedy, greedy]  # the catalogue's temperature 0 and max_tokens 5
+    # a prompt template's options win over the catalogue's, /set over both, flags over all
+    assert chatcli("chat", "-m", "tiny", input="hello\n").returncode == 0
+    assert chatcli("chat", "-m", "tiny", "-t", "short", input="hello\n").returncode == 0
+    assert chatcli("chat", "-m", "tiny", "-t", "short", input="/set max_tokens 2\nhello\n").returncode == 0
+    assert chatcli("chat", "-m", "tiny", "-t", "short", "-n", "1", input="hello\n").returncode == 0
+    with History() as store:
+        counts = [[t.completion_tokens for t in store.turns(c.id) if t.role == "assistant"] for c in store.list()]
+    assert sorted(counts) == [[1], [2], [3], [5]]
+
+
+def test_a_model_without_a_chat_template_gets_a_reply_cap_with_a_notice(chatcli, tmp_path: Path) -> None:
+    from ggufgen import make_gpt2
+
+    base = make_gpt2(tmp_path / "base-gpt2.gguf", n_ctx=1024)  # no chat template; context room for 256+
+    capped = chatcli("chat", "-m", str(base), "--temperature", "0", input="Hello\n")
+    assert capped.returncode == 0, capped.stderr
+    assert "base model" in capped.stderr
+    [notice] = [line for line in capped.stderr.splitlines() if "replies stop at 256 tokens" in line]
+    assert "/set max_tokens N" in notice and "-n N" in notice
+    [reply] = stored_replies()
+    assert (reply.completion_tokens, reply.finish_reason) == (256, "length")
+
+    chosen = chatcli("chat", "-m", str(base), "--temperature", "0", "-n", "300", input="Hello\n")
+    assert chosen.returncode == 0 and "replies stop at" not in chosen.stderr
+    assert stored_replies()[0].completion_tokens == 300

@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect  # a test dependency: missing, it fails this file instead of skipping it
 import pytest
 
 from chatcli.history import History
 
-pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.real_model
 
 

@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from chatcli.engine import SamplingOptions, StopScanner, choose_context, physical_cores, resolve_gpu_layers
+from chatcli.engine import (
+    InvalidSetting,
+    SamplingOptions,
+    StopScanner,
+    choose_context,
+    physical_cores,
+    resolve_gpu_layers,
+)
 from chatcli.errors import UsageError
 
 
@@ -63,18 +70,19 @@ def test_physical_cores_is_positive() -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "flag"),
+    ("options", "name"),
     [
-        (SamplingOptions(max_tokens=-1), "--max-tokens"),
-        (SamplingOptions(temperature=-0.1), "--temperature"),
-        (SamplingOptions(top_p=1.5), "--top-p"),
-        (SamplingOptions(top_k=-1), "--top-k"),
-        (SamplingOptions(min_p=2), "--min-p"),
-        (SamplingOptions(repeat_penalty=0), "--repeat-penalty"),
-        (SamplingOptions(seed=-3), "--seed"),
-        (SamplingOptions(stop=("",)), "--stop"),
+        (SamplingOptions(max_tokens=-1), "max_tokens"),
+        (SamplingOptions(temperature=-0.1), "temperature"),
+        (SamplingOptions(top_p=1.5), "top_p"),
+        (SamplingOptions(top_k=-1), "top_k"),
+        (SamplingOptions(min_p=2), "min_p"),
+        (SamplingOptions(repeat_penalty=0), "repeat_penalty"),
+        (SamplingOptions(seed=-3), "seed"),
+        (SamplingOptions(stop=("",)), "stop"),
     ],
 )
-def test_invalid_sampling_options_name_the_flag(options: SamplingOptions, flag: str) -> None:
-    with pytest.raises(UsageError, match=flag):
+def test_invalid_sampling_options_name_the_setting(options: SamplingOptions, name: str) -> None:
+    with pytest.raises(InvalidSetting, match=f"^{name} must ") as info:
         options.validate()
+    assert info.value.name == name  # each front end words it its own way (--top-p, /set top_p)

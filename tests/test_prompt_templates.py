@@ -103,7 +103,7 @@ def test_unknown_template_without_templates_dir(home: Path) -> None:
         ("[options]\nseed = true\n", r"\[options\] seed must be a whole number"),
         ('[options]\nstop = "x"\n', r"\[options\] stop must be a list of non-empty strings"),
         ("[options]\nstop = [1]\n", r"\[options\] stop must be a list of non-empty strings"),
-        ("[options]\ntemperature = 9\n", r"\[options\]: invalid value for --temperature"),
+        ("[options]\ntemperature = 9\n", r"\[options\]: temperature must be between 0 and 5"),
         ('prompt = "{0}"\n', r"'prompt': unsupported placeholder '\{0\}'"),
         ('system = "a { b"\n', r"'system': single '\{': write \{\{ for a literal brace"),
     ],

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from chatcli.conversation import SETTING_NAMES, ChatSession, Reply
+from chatcli.engine import SETTINGS, InvalidSetting
 from chatcli.errors import ChatcliError
 
 INTERRUPTED_MARK = "[interrupted]"
@@ -44,7 +46,8 @@ COMMANDS = [
 ]
 _ALIASES = {"/quit": "/exit", "/q": "/exit", "/?": "/help", "/clear": "/reset"}
 
-ModelLoader = Callable[[str], tuple[Any, Any, str, str]]  # ref -> (engine, chat format, label, model id)
+# ref -> (engine, chat format, label, model id, the model's default settings)
+ModelLoader = Callable[[str], tuple[Any, Any, str, str, dict[str, Any]]]
 
 
 class Repl:
@@ -84,7 +87,7 @@ class Repl:
     def _prompt_session(self):  # noqa: ANN202
         from prompt_toolkit import PromptSession
         from prompt_toolkit.completion import WordCompleter
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
 
         bindings = KeyBindings()
@@ -93,6 +96,7 @@ class Repl:
         def _newline(event) -> None:  # noqa: ANN001
             event.current_buffer.insert_text("\n")
 
+        history: History
         if self.input_history is not None:
             self.input_history.parent.mkdir(parents=True, exist_ok=True)
             history = FileHistory(str(self.input_history))
@@ -222,7 +226,8 @@ class Repl:
         parts: list[str] = []
         tail = _Tail(parts)
         try:
-            with Live(tail, console=console, refresh_per_second=12, transient=True, auto_refresh=True):
+            with _keys_not_echoed(sys.stdin), \
+                    Live(tail, console=console, refresh_per_second=12, transient=True, auto_refresh=True):
                 for chunk in chunks:
                     parts.append(chunk)
         finally:
@@ -309,10 +314,10 @@ class Repl:
             self.notice("switching models is not available here", style="red")
             return
         with self.err.status(f"loading {arg}…"):
-            engine, fmt, label, model_id = self.load_model(arg)
+            engine, fmt, label, model_id, model_defaults = self.load_model(arg)
         old = self.session.engine
-        self.session.switch_model(engine, fmt, label, model_id)
-        if old is not engine and hasattr(old, "close"):
+        self.session.switch_model(engine, fmt, label, model_id, model_defaults)
+        if old is not engine:
             old.close()
         self.notice(f"now chatting with {label}; the conversation continues")
 
@@ -322,7 +327,12 @@ class Repl:
         except ValueError:
             self.notice(f"usage: /set NAME VALUE (NAME: {', '.join(SETTING_NAMES)})", style="red")
             return
-        value = self.session.set(name, raw)
+        try:
+            value = self.session.set(name, raw)
+        except InvalidSetting as exc:  # the library names the setting; here it is said as the command that sets it
+            example = next(f.metadata["example"] for f in SETTINGS if f.name == exc.name)
+            self.notice(f"{exc.name} {exc.why} (/set {exc.name} {example})", style="red")
+            return
         self.notice(f"{name} = {'default' if value is None else value}")
 
     def cmd_show(self, arg: str) -> None:
@@ -360,8 +370,37 @@ class Repl:
         self.notice(f"{used} of {total} tokens used ({100 * used / max(1, total):.0f}%)", style="")
 
 
+@contextmanager
+def _keys_not_echoed(keys: TextIO) -> Iterator[None]:
+    """While a reply streams, the terminal echoes no key (Ctrl-C's "^C", an Enter pressed ahead).
+
+    rich's live view erases itself by moving up as many lines as it drew. Markdown pads its lines to the full
+    width, so the cursor waits at the last column, and any echoed character there wraps and scrolls the screen:
+    one line of the view then stays above the final text. Keys typed meanwhile stay queued for the next prompt.
+    NOFLSH: Ctrl-C must not discard output already written (the terminal would miss part of a redraw).
+    """
+    try:
+        import termios
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = keys.fileno()
+        saved = termios.tcgetattr(fd)
+    except (AttributeError, ValueError, OSError, termios.error):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = (quiet[3] & ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))) | getattr(termios, "NOFLSH", 0)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 class _Tail:
-    """A rich renderable: the Markdown so far, cut to the last screenful (so Live never scrolls or flickers)."""
+    """A rich renderable: the Markdown so far, cut to what fits the screen (so Live never scrolls or flickers)."""
 
     def __init__(self, parts: list[str]) -> None:
         self.parts = parts
@@ -371,6 +410,8 @@ class _Tail:
         from rich.segment import Segment
 
         lines = console.render_lines(Markdown("".join(self.parts)), options, pad=False)
+        # Strictly shorter than the screen (Live cannot erase a view as tall as the terminal), with rows to spare
+        # for the line Live ends on and the prompt's toolbar.
         height = max(1, console.size.height - 3)
         for line in lines[-height:]:
             yield from line

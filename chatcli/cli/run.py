@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from chatcli.engine import SETTINGS, InvalidSetting, SamplingOptions
+
+_SHORT_FLAGS = {"max_tokens": "-n"}
 
 
 def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
@@ -24,6 +27,35 @@ def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def sampling_flags(func):  # noqa: ANN001, ANN201 - a click decorator
+    """One flag per sampling setting (SamplingOptions' fields): -n/--max-tokens, --temperature, … --seed."""
+    for setting in reversed(SETTINGS):
+        names = [*filter(None, [_SHORT_FLAGS.get(setting.name)]), flag(setting.name)]
+        func = click.option(*names, setting.name, type=setting.metadata["kind"], default=None,
+                            help=str(setting.metadata["help"]))(func)
+    return func
+
+
+def flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def _sampling_options(*layers: dict | None, **given: object) -> SamplingOptions:
+    """completion.sampling_options, with an out-of-range value named as the flag that sets it."""
+    from chatcli import completion
+    from chatcli.errors import UsageError
+
+    try:
+        return completion.sampling_options(*layers, **given)
+    except InvalidSetting as exc:
+        raise UsageError(f"invalid value for {flag(exc.name)}: {exc.why}") from None
+
+
+def _given(sampling: dict[str, object]) -> dict[str, object]:
+    """The sampling flags the user gave."""
+    return {name: value for name, value in sampling.items() if value is not None}
 
 
 def _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose):  # noqa: ANN001, ANN202
@@ -108,13 +140,7 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
 @click.command()
 @click.argument("text", required=False)
 @model_options
-@click.option("-n", "--max-tokens", type=int, default=None, help="Stop after N tokens (default: until the model ends).")
-@click.option("--temperature", type=float, default=None, help="Randomness; 0 = always the likeliest token.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold.")
-@click.option("--top-k", type=int, default=None, help="Sample from the K likeliest tokens (0 = all).")
-@click.option("--min-p", type=float, default=None, help="Drop tokens less likely than this times the top one.")
-@click.option("--repeat-penalty", type=float, default=None, help="Penalise repeated tokens (1 = off).")
-@click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
+@sampling_flags
 @click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
 @click.option("--echo", is_flag=True, help="Print the prompt before the completion.")
 @click.option("--chat", "as_chat", is_flag=True, help="Send the text as a user message through the chat template.")
@@ -129,9 +155,9 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
               "read again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (text, tokens, timings).")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="Print one JSON event per chunk, then a summary.")
-def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, max_tokens, temperature,
-             top_p, top_k, min_p, repeat_penalty, seed, stop, echo, as_chat, system, chat_template, prompt_template,
-             variables, grammar_file, json_schema, truncate, cache, as_json, as_jsonl) -> None:  # noqa: ANN001
+def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, stop, echo, as_chat, system,
+             chat_template, prompt_template, variables, grammar_file, json_schema, truncate, cache, as_json, as_jsonl,
+             **sampling) -> None:  # noqa: ANN001
     """Complete TEXT (and/or stdin) and stream the result to stdout.
 
     \b
@@ -161,12 +187,16 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         defaults = dict(template.options)
     if system and not as_chat:
         raise UsageError("--system needs --chat")
-    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                 repeat_penalty=repeat_penalty, seed=seed, stop=stop or None)
+    given = {**_given(sampling), "stop": stop or None}
+    grammar = _grammar_source(grammar_file, json_schema)
+    _sampling_options(defaults, **given)  # a bad flag is a usage error before the model loads
+    load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
+    ref, engine = _open_engine(model, pull, load_options)
+    # flags > the prompt template's options > the catalogue's for this model > built-in defaults
+    catalogue = ref.spec.options if ref.spec else None
     request = completion.CompletionRequest(
         prompt=prompt,
-        options=completion.sampling_options(defaults=defaults, grammar=_grammar_source(grammar_file, json_schema),
-                                            **given),
+        options=_sampling_options(catalogue, defaults, grammar=grammar, **given),
         chat=as_chat,
         system=system,
         template=chat_template,
@@ -174,14 +204,13 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         cache=cache,
         cache_prefix=stdin_text if stdin_text and text and not (prompt_template or as_chat) else None,
     )
-    load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
-    ref, engine = _open_engine(model, pull, load_options)
     mode = "json" if as_json else "jsonl" if as_jsonl else "text"
     completion.run(engine, ref, request, completion.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
 
 
 @click.command()
 @model_options
+@sampling_flags
 @click.option("-s", "--system", help="System prompt.")
 @click.option("-t", "--template", "prompt_template", metavar="NAME", help="Start from one of your prompt templates.")
 @click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A prompt template variable.")
@@ -190,23 +219,27 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
 @click.option("--conversation", "conversation_id", metavar="ID", help="Continue conversation ID.")
 @click.option("--no-history", is_flag=True, help="Do not store this conversation.")
 def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system, prompt_template, variables,
-         chat_template, continue_, conversation_id, no_history) -> None:  # noqa: ANN001
+         chat_template, continue_, conversation_id, no_history, **sampling) -> None:  # noqa: ANN001
     """Chat with a model in a REPL (or answer each line of piped stdin).
 
     \b
     Replies stream as Markdown; Ctrl-C stops a reply, Ctrl-D leaves. /help lists the commands.
     Every turn is stored as it happens: `chatcli chat --continue` picks up where you left off.
+    Sampling flags win over a continued conversation's /set values, a prompt template's options and the
+    model's catalogue options; /set changes them during the chat.
     """
     from chatcli.cli.chat import start as start_chat
     from chatcli.errors import UsageError
 
     if continue_ and conversation_id:
         raise UsageError("use either --continue or --conversation, not both")
+    given = _given(sampling)
+    _sampling_options(**given)  # a bad flag is a usage error before the model loads
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     code = start_chat(
         model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
         continue_latest=continue_, conversation_id=conversation_id, history=not no_history, variables=variables,
-        open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
+        settings=given, open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
     )
     sys.exit(code)
 
