@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
-from chatcli.engine import GenerationResult, SamplingOptions
+from chatcli.engine import Engine, GenerationResult, SamplingOptions
 from chatcli.errors import ChatcliError, UsageError
 
 # Ordinary prose: it tokenises the way real prompts do, and greedy decoding after it rarely ends at once.
@@ -30,16 +30,6 @@ _TG_PROMPTS = (
 )
 
 Kind = Literal["pp", "tg"]
-
-
-class BenchEngine(Protocol):
-    """What bench needs from an engine: LlamaEngine's public API (a fake one serves unit tests)."""
-
-    n_ctx: int
-
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
-    def generate(self, prompt: Sequence[int], options: SamplingOptions): ...  # -> engine.Generation
-    def reset(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -119,25 +109,24 @@ class BenchReport:
         return {"settings": self.settings.to_dict(), "results": [row.to_dict() for row in self.rows]}
 
 
-def settings_of(engine: object, *, flash_attn: bool | None = None) -> BenchSettings:
-    """The settings a LlamaEngine runs with; flash_attn as given, else the engine's if it records it."""
-    info = getattr(engine, "info", None)
-    path = getattr(engine, "path", None)
+def settings_of(engine: Engine, *, flash_attn: bool | None = None) -> BenchSettings:
+    """The settings an engine runs with; flash_attn as given, else the engine's."""
+    info = engine.info
     return BenchSettings(
-        model=getattr(path, "name", str(path)),
-        path=str(path),
-        size_bytes=getattr(info, "file_size", None),
-        architecture=getattr(info, "architecture", None),
-        parameters=getattr(info, "n_params", None) or None,
-        quant=getattr(info, "file_type", None),
-        threads=getattr(engine, "n_threads", None),
-        n_ctx=int(engine.n_ctx),  # type: ignore[attr-defined]
-        gpu_layers=getattr(engine, "gpu_layers", None),
-        flash_attn=flash_attn if flash_attn is not None else getattr(engine, "flash_attn", None),
+        model=engine.path.name,
+        path=str(engine.path),
+        size_bytes=info.file_size,
+        architecture=info.architecture,
+        parameters=info.n_params or None,
+        quant=info.file_type,
+        threads=engine.n_threads,
+        n_ctx=engine.n_ctx,
+        gpu_layers=engine.gpu_layers,
+        flash_attn=engine.flash_attn if flash_attn is None else flash_attn,
     )
 
 
-def prompt_of(engine: BenchEngine, n_tokens: int) -> list[int]:
+def prompt_of(engine: Engine, n_tokens: int) -> list[int]:
     """Exactly n_tokens tokens of prose (starting with BOS when the model adds one)."""
     copies = 1
     tokens = engine.tokenize(_FILLER)
@@ -147,7 +136,7 @@ def prompt_of(engine: BenchEngine, n_tokens: int) -> list[int]:
     return tokens[:n_tokens]
 
 
-def _generate(engine: BenchEngine, prompt: Sequence[int], options: SamplingOptions) -> GenerationResult:
+def _generate(engine: Engine, prompt: Sequence[int], options: SamplingOptions) -> GenerationResult:
     engine.reset()  # from an empty context: no prefix of an earlier run is reused
     generation = engine.generate(prompt, options)
     try:
@@ -158,19 +147,19 @@ def _generate(engine: BenchEngine, prompt: Sequence[int], options: SamplingOptio
     return generation.result
 
 
-def _pp_once(engine: BenchEngine, prompt: Sequence[int]) -> tuple[float, int]:
+def _pp_once(engine: Engine, prompt: Sequence[int]) -> tuple[float, int]:
     result = _generate(engine, prompt, SamplingOptions(temperature=0.0, max_tokens=1))
     if result.prompt_seconds <= 0:
         raise ChatcliError("the engine produced no token: cannot time prompt processing")
     return result.prompt_seconds, len(prompt)
 
 
-def _tg_once(engine: BenchEngine, prompt: Sequence[int], n_gen: int) -> tuple[float, int]:
+def _tg_once(engine: Engine, prompt: Sequence[int], n_gen: int) -> tuple[float, int]:
     result = _generate(engine, prompt, SamplingOptions(temperature=0.0, max_tokens=n_gen))
     return result.decode_seconds, max(0, result.completion_tokens - 1)
 
 
-def _tg_prompt(engine: BenchEngine, n_gen: int, try_all: bool) -> list[int]:
+def _tg_prompt(engine: Engine, n_gen: int, try_all: bool) -> list[int]:
     """The first candidate prompt after which greedy decoding runs the full n_gen tokens (else the best)."""
     best: tuple[int, list[int]] | None = None
     for text in _TG_PROMPTS:
@@ -187,7 +176,7 @@ def _tg_prompt(engine: BenchEngine, n_gen: int, try_all: bool) -> list[int]:
 
 
 def run_bench(
-    engine: BenchEngine,
+    engine: Engine,
     *,
     prompt_lengths: Sequence[int] = (512,),
     gen_lengths: Sequence[int] = (128,),

@@ -24,8 +24,9 @@ def model_ref(text: str, quant: str | None = None) -> ModelRef:
 def display(model: LocalModel, catalogue: Catalogue) -> str:
     """How `list` names a cached model: alias:QUANT for catalogue repos, else owner/repo:QUANT or the file."""
     alias = catalogue.alias_for_repo(model.repo)
+    spec = catalogue.get(alias) if alias else None
     quant = model.quant
-    if alias and quant and catalogue.get(alias).file_for(quant) == model.filename:
+    if spec is not None and quant and spec.file_for(quant) == model.filename:
         return f"{alias}:{quant}"
     if quant:
         return f"{model.repo}:{quant}"
