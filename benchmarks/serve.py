@@ -25,10 +25,6 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-# benchmarks/concurrent.py would hide the standard library's `concurrent` package, which asyncio (and so the
-# openai SDK) imports: this folder leaves the import path once `common` is in.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
 PROMPT = (
     "The history of the city begins with a small settlement on the bank of a wide river, where traders "
     "stopped to rest their animals and exchange grain, salt and cloth. Over the centuries"
