@@ -161,6 +161,10 @@ class History:
             head = _read_head(self.path)
             if head and head != _SQLITE_MAGIC:  # checked before SQLite opens it: nothing may write to it
                 raise self._corrupt("it is not an SQLite database")
+            # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files the database's mode.
+            paths.private_file(self.path)
+            for side in ("-wal", "-shm", "-journal"):
+                paths.make_private(self.path.with_name(self.path.name + side))
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise HistoryError(f"cannot open the history database {self.path}: {e}") from e

@@ -5,6 +5,12 @@ zlib-compressed where that pays; the `.json` beside it is the metadata and the c
 without its JSON is no entry). group hashes (model, n_ctx, llama-cpp-python version), key hashes that plus
 the n tokens, so finding the longest cached prefix needs no JSON parsing. The JSON's mtime is the last use.
 A snapshot that fails any check is deleted and the caller prefills as usual: never a wrong answer.
+
+A chat keeps one snapshot per conversation: `<group>-<n>-<key>-c<conversation hash>`, found by the same
+prefix search, and a newer one for the conversation deletes the older (only the newest could be restored).
+Those are written off the path between a reply and the next prompt (save_later): the chat thread claims the
+context, a writer thread copies its state into memory, lets the context go (the next generation waits for
+that copy only, a few ms), then compresses, hashes and writes the file while the user types.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from chatcli import paths
 from chatcli.errors import ChatcliError, UsageError
@@ -42,6 +50,11 @@ class StatefulEngine(Protocol):
     def load_state(self, path: Path) -> list[int]: ...
     def reset(self) -> None: ...
     def truncate(self, n_tokens: int) -> None: ...
+    def state_file_bytes(self, keep: Sequence[int] | None = None,
+                         min_tokens: int = 0) -> tuple[list[int], bytearray] | None: ...
+    def claim_state(self) -> None: ...
+    def release_state(self) -> None: ...
+    def wait_state(self) -> None: ...
 
 
 class _Damaged(Exception):
@@ -81,30 +94,47 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _store(raw: Path, packed: Path) -> tuple[bool, str, int, int]:
-    """Compress raw into packed when that saves >= MIN_SAVING: (compressed, sha256 and size of what to keep,
-    raw size). Both hashes are taken in the same pass; the caller keeps `packed` or `raw` accordingly."""
-    raw_hash, packed_hash = hashlib.sha256(), hashlib.sha256()
+def _store(data: bytes | bytearray | memoryview, out: BinaryIO) -> tuple[bool, str, int, int]:
+    """Write data to `out`, zlib-compressed when that saves >= MIN_SAVING: (compressed, sha256 and size of
+    what was written, raw size). Compression is given up as soon as it does not pay (KV caches seldom do)."""
+    view = memoryview(data).cast("B")
+    raw_size = len(view)
+    packed_hash = hashlib.sha256()
     squeezer = zlib.compressobj(1)
-    raw_size = packed_size = 0
-    trying = True
-    with open(raw, "rb") as src, open(packed, "wb") as dst:
-
-        def emit(out: bytes) -> int:
-            packed_hash.update(out)
-            return dst.write(out)
-
-        while chunk := src.read(CHUNK):
-            raw_hash.update(chunk)
-            raw_size += len(chunk)
-            if trying:
-                packed_size += emit(squeezer.compress(chunk))
-                trying = packed_size <= (1 - MIN_SAVING) * raw_size  # give up as soon as it does not pay
-        if trying:
-            packed_size += emit(squeezer.flush())
-    if trying and raw_size and packed_size <= (1 - MIN_SAVING) * raw_size:
-        return True, packed_hash.hexdigest(), packed_size, raw_size
+    packed_size = 0
+    trying = raw_size > 0
+    for offset in range(0, raw_size, CHUNK):
+        piece = squeezer.compress(view[offset:offset + CHUNK])
+        packed_hash.update(piece)
+        packed_size += out.write(piece)
+        if packed_size > (1 - MIN_SAVING) * min(raw_size, offset + CHUNK):
+            trying = False
+            break
+    if trying:
+        piece = squeezer.flush()
+        packed_hash.update(piece)
+        packed_size += out.write(piece)
+        if packed_size <= (1 - MIN_SAVING) * raw_size:
+            return True, packed_hash.hexdigest(), packed_size, raw_size
+    out.seek(0)
+    out.truncate()
+    raw_hash = hashlib.sha256()
+    for offset in range(0, raw_size, CHUNK):  # hash and write in step: each chunk is read from memory once more
+        piece = view[offset:offset + CHUNK]
+        raw_hash.update(piece)
+        out.write(piece)
     return False, raw_hash.hexdigest(), raw_size, raw_size
+
+
+def _conversation_tag(conversation_id: str) -> str:
+    return "c" + hashlib.sha256(conversation_id.encode()).hexdigest()[:16]
+
+
+def _private_temp(folder: Path, suffix: str) -> tuple[BinaryIO, Path]:
+    """A new file only the user can read (snapshots hold conversations): O_EXCL, mode 0600."""
+    path = folder / f"{TMP}{os.getpid()}-{uuid.uuid4().hex}{suffix}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    return os.fdopen(fd, "wb"), path
 
 
 def _max_bytes_from_env() -> int:
@@ -124,6 +154,13 @@ class SnapshotStore:
     def __init__(self, root: Path | None = None, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) if root is not None else paths.cache_dir() / "snapshots"
         self.max_bytes = max_bytes if max_bytes is not None else _max_bytes_from_env()
+        self.last_error: Exception | None = None  # the last background save's failure (they are best effort)
+        self._pool: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._captured: Future[Any] | None = None  # the newest queued capture, and write
+        self._written: Future[Any] | None = None
+        self._captures = 0
+        self._newest: dict[str, int] = {}  # conversation tag -> number of its newest capture
+        self._lock = threading.Lock()
 
     def save_prefix(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str,
                     margin: int = 0) -> Path | None:
@@ -146,49 +183,152 @@ class SnapshotStore:
         except ChatcliError:
             return None
 
-    def save(self, engine: StatefulEngine, *, model_id: str) -> Path | None:
+    def save(self, engine: StatefulEngine, *, model_id: str, conversation_id: str | None = None) -> Path | None:
         """Snapshot the engine's cached tokens; returns the state file, or None when not worth keeping."""
-        tokens = engine.cached_tokens
-        if len(tokens) < MIN_TOKENS:
+        self.wait_captured(engine)
+        if len(engine.cached_tokens) < MIN_TOKENS:
             return None
-        key = _group_hash(model_id, engine.n_ctx, _flash(engine))
+        captured = engine.state_file_bytes(min_tokens=MIN_TOKENS)
+        if captured is None:
+            return None
+        tokens, data = captured
+        return self._write(tokens, data, model_id=model_id, n_ctx=engine.n_ctx, flash_attn=_flash(engine),
+                           conversation_id=conversation_id)
+
+    def save_later(self, engine: StatefulEngine, keep: Callable[[], Sequence[int] | None], *, model_id: str,
+                   conversation_id: str | None) -> None:
+        """Snapshot a conversation in the background, as save_prefix would; returns at once.
+
+        The context is claimed here and let go as soon as a capture thread has copied its state into memory:
+        until then anything that changes it waits (engine.wait_state), a few ms at most. A writer thread then
+        compresses, hashes and writes it, skipping a capture that a newer one of the same conversation has
+        superseded, and deletes the conversation's older snapshot. `keep` runs on the capture thread and gives
+        the tokens a later prompt will start with (None: no snapshot). Failures end up in `last_error`.
+        Nothing happens for an engine that keeps no state here.
+        """
+        if not hasattr(engine, "state_file_bytes"):
+            return
+        n_ctx, flash_attn = engine.n_ctx, _flash(engine)
+        tag = _conversation_tag(conversation_id) if conversation_id else None
+
+        def write(number: int, tokens: list[int], data: bytearray) -> Path | None:
+            if tag is not None and self._newest.get(tag) != number:
+                return None  # a newer state of this conversation is queued: this one would be deleted at once
+            return self._guard(lambda: self._write(tokens, data, model_id=model_id, n_ctx=n_ctx,
+                                                   flash_attn=flash_attn, conversation_id=conversation_id))
+
+        def capture() -> None:
+            try:
+                tokens = keep()
+                captured = None if tokens is None else engine.state_file_bytes(tokens, MIN_TOKENS)
+            finally:
+                engine.release_state()
+            if captured is not None:
+                with self._lock:
+                    self._captures += 1
+                    if tag is not None:
+                        self._newest[tag] = self._captures
+                    self._written = self._threads()[1].submit(write, self._captures, *captured)
+
+        engine.claim_state()
+        try:
+            with self._lock:
+                self._captured = self._threads()[0].submit(self._guard, capture)
+        except BaseException:
+            engine.release_state()
+            raise
+
+    def wait_captured(self, engine: StatefulEngine) -> None:
+        """Return once no background save is copying this engine's context (before anything changes it)."""
+        wait = getattr(engine, "wait_state", None)
+        if wait is not None:
+            wait()
+
+    def flush(self) -> None:
+        """Wait until every background save queued so far is written (or has failed, see last_error)."""
+        for name in ("_captured", "_written"):  # captures queue writes: those first
+            pending = getattr(self, name)
+            if pending is not None:
+                pending.result()  # _guard keeps failures out of it
+
+    def close(self) -> None:
+        """Finish the queued saves and stop the background threads (a later save_later starts new ones)."""
+        self.flush()
+        with self._lock:
+            threads, self._pool = self._pool, None
+        for pool in threads or ():
+            pool.shutdown(wait=True)
+
+    def _threads(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        """(capture, writer): one thread each. Their threads finish queued work before the interpreter exits."""
+        if self._pool is None:
+            self._pool = (ThreadPoolExecutor(1, thread_name_prefix="chatcli-snapshot-capture"),
+                          ThreadPoolExecutor(1, thread_name_prefix="chatcli-snapshot-writer"))
+        return self._pool
+
+    def _guard(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except Exception as exc:  # a snapshot is only a shortcut: keep the reason, lose the snapshot
+            self.last_error = exc
+            return None
+
+    def _write(self, tokens: list[int], data: bytes | bytearray, *, model_id: str, n_ctx: int, flash_attn: bool,
+               conversation_id: str | None = None) -> Path | None:
+        """Commit a captured state (llama_state_save_file's layout) as an entry; None when over the cap."""
+        key = _group_hash(model_id, n_ctx, flash_attn)
         group = key.hexdigest()[:16]
         key.update(_pack(tokens))
         stem = f"{group}-{len(tokens)}-{key.hexdigest()[:32]}"
+        tag = _conversation_tag(conversation_id) if conversation_id else None
+        stem += f"-{tag}" if tag else ""
         state, meta = self.root / f"{stem}.state", self.root / f"{stem}.json"
         if meta.exists() and state.exists():
             self._touch(meta)
+            self._supersede(tag, stem)
             return state
-        temp = f"{TMP}{os.getpid()}-{uuid.uuid4().hex}"
-        raw, packed, meta_tmp = (self.root / f"{temp}{ext}" for ext in (".raw", ".packed", ".json"))
         placed = committed = False
+        temps: list[Path] = []
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if engine.save_state(raw) != len(tokens):
-                raise OSError("the engine saved a different number of tokens than it holds")
-            compressed, digest, size, raw_size = _store(raw, packed)
-            record = {"format": FORMAT, "model_id": model_id, "n_ctx": engine.n_ctx, "flash_attn": _flash(engine),
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            out, temp_state = _private_temp(self.root, ".raw")
+            temps.append(temp_state)
+            with out:
+                compressed, digest, size, raw_size = _store(data, out)
+            record = {"format": FORMAT, "model_id": model_id, "n_ctx": n_ctx, "flash_attn": flash_attn,
                       "lib_version": _lib_version(),
                       "n_tokens": len(tokens), "sha256": digest, "compressed": compressed, "size": size,
-                      "raw_size": raw_size, "created": time.time(), "tokens": tokens}
+                      "raw_size": raw_size, "created": time.time(), "conversation": conversation_id,
+                      "tokens": tokens}
             body = json.dumps(record, separators=(",", ":"))
             if size + len(body) > self.max_bytes:
                 return None  # could never fit under the cap
-            meta_tmp.write_text(body, encoding="utf-8")
+            out, meta_tmp = _private_temp(self.root, ".json")
+            temps.append(meta_tmp)
+            with out:
+                out.write(body.encode("utf-8"))
             # State first, then its metadata: readers only ever see an entry whose state is complete.
             # (Two processes saving the same tokens at once may pair one's JSON with the other's state;
             # the hash check then drops the entry: a lost snapshot, never a wrong one.)
-            os.replace(packed if compressed else raw, state)
+            os.replace(temp_state, state)
             placed = True
             os.replace(meta_tmp, meta)
             committed = True
         except OSError as exc:
             raise ChatcliError(f"could not save a conversation snapshot in {self.root}: {exc}") from exc
         finally:
-            for path in (raw, packed, meta_tmp) + ((state,) if placed and not committed else ()):
+            for path in temps + ([state] if placed and not committed else []):
                 path.unlink(missing_ok=True)
+        self._supersede(tag, stem)
         self._evict()
         return state
+
+    def _supersede(self, tag: str | None, stem: str) -> None:
+        """Delete the conversation's other snapshots: only its newest can ever be restored."""
+        if tag is not None:
+            for old in self.root.glob(f"*-{tag}.json"):
+                if old.stem != stem:
+                    self._remove(old.stem)
 
     def restore(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str) -> int:
         """Load the snapshot holding the longest prefix of `tokens`; returns its token count, 0 if none fits.
@@ -227,20 +367,20 @@ class SnapshotStore:
     # ------------------------------------------------------------------ internals
 
     def _candidates(self, model_id: str, n_ctx: int, flash_attn: bool, tokens: list[int]) -> list[tuple[int, str]]:
-        """(n, stem) of the entries whose key is that of tokens[:n], longest first."""
+        """(n, stem) of the entries whose key is that of tokens[:n] (a conversation's or not), longest first."""
         hasher = _group_hash(model_id, n_ctx, flash_attn)
         group = hasher.hexdigest()[:16]
         named: dict[int, list[str]] = {}
         for meta in self.root.glob(f"{group}-*.json"):
             parts = meta.stem.split("-")
-            if len(parts) == 3 and parts[1].isdigit() and MIN_TOKENS <= int(parts[1]) <= len(tokens):
-                named.setdefault(int(parts[1]), []).append(parts[2])
+            if len(parts) in (3, 4) and parts[1].isdigit() and MIN_TOKENS <= int(parts[1]) <= len(tokens):
+                named.setdefault(int(parts[1]), []).append(meta.stem)
         found, done = [], 0
         for n in sorted(named):
             hasher.update(_pack(tokens[done:n]))
             done = n
-            key = hasher.copy().hexdigest()[:32]
-            found += [(n, f"{group}-{n}-{key}")] if key in named[n] else []
+            prefix = f"{group}-{n}-{hasher.copy().hexdigest()[:32]}"
+            found += [(n, stem) for stem in sorted(named[n]) if stem == prefix or stem.startswith(prefix + "-")]
         return found[::-1]
 
     def _load(self, engine: StatefulEngine, stem: str, tokens: list[int], model_id: str) -> bool:
@@ -276,7 +416,8 @@ class SnapshotStore:
     def _inflate(packed: Path, out: Path, raw_size: int) -> None:
         opener = zlib.decompressobj()
         written = 0
-        with open(packed, "rb") as src, open(out, "wb") as dst:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+        with open(packed, "rb") as src, os.fdopen(fd, "wb") as dst:
             while chunk := src.read(CHUNK):
                 data = opener.decompress(chunk)
                 written += dst.write(data)

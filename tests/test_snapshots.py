@@ -138,10 +138,11 @@ def test_compression_is_kept_only_where_it_pays(tmp_path: Path) -> None:
 
     for name, data, pays in (("random", os.urandom(3 << 20), False), ("zeros", bytes(3 << 20), True),
                              ("small", b"ab" * 100, True), ("empty", b"", False)):
-        raw, packed = tmp_path / f"{name}.raw", tmp_path / f"{name}.z"
-        raw.write_bytes(data)
-        compressed, digest, size, raw_size = snapshots._store(raw, packed)
-        kept = packed.read_bytes() if compressed else data
+        out = tmp_path / f"{name}.out"
+        with open(out, "wb") as f:
+            compressed, digest, size, raw_size = snapshots._store(bytearray(data), f)
+        kept = out.read_bytes()
+        assert compressed or kept == data
         assert (compressed, raw_size, size) == (pays, len(data), len(kept)), name
         assert digest == hashlib.sha256(kept).hexdigest()
         assert not compressed or zlib.decompress(kept) == data
@@ -381,36 +382,26 @@ def test_max_bytes_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, h
             SnapshotStore()
 
 
-class Interrupted:
-    """An engine whose save_state writes half a file and then fails, as a Ctrl-C or a full disk would."""
-
-    def __init__(self, engine: LlamaEngine, error: BaseException) -> None:
-        self.engine, self.error, self.n_ctx = engine, error, engine.n_ctx
-
-    @property
-    def cached_tokens(self) -> list[int]:
-        return self.engine.cached_tokens
-
-    def save_state(self, path: Path) -> int:
-        path.write_bytes(b"half a state")
-        raise self.error
-
-    def load_state(self, path: Path) -> list[int]:
-        raise AssertionError("not used")
-
-    def reset(self) -> None:
-        raise AssertionError("not used")
-
-
 def test_writes_are_atomic(engines, store, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = engines()
     conversation(engine)
+    store_data = snapshots._store
+
+    def half_then(error: BaseException):  # noqa: ANN202
+        def write(data, out):  # noqa: ANN001, ANN202
+            out.write(bytes(data[: len(data) // 2]))  # as a Ctrl-C or a full disk would leave it
+            raise error
+        return write
+
+    monkeypatch.setattr(snapshots, "_store", half_then(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        store.save(Interrupted(engine, KeyboardInterrupt()), model_id="m")
+        store.save(engine, model_id="m")
     assert list(store.root.iterdir()) == []
+    monkeypatch.setattr(snapshots, "_store", half_then(OSError(28, "No space left on device")))
     with pytest.raises(ChatcliError, match="could not save"):
-        store.save(Interrupted(engine, OSError(28, "No space left on device")), model_id="m")
+        store.save(engine, model_id="m")
     assert list(store.root.iterdir()) == []
+    monkeypatch.setattr(snapshots, "_store", store_data)
 
     replace = os.replace
     calls = []
@@ -499,3 +490,185 @@ def test_a_snapshot_is_not_used_across_flash_attention_settings(engines, store, 
     assert store.save(saver, model_id=model_id) is not None
     assert store.restore(engines(flash_attn=True), grown, model_id=model_id) == 0
     assert store.restore(engines(flash_attn=False), grown, model_id=model_id) > 0
+
+
+# ---------------------------------------------------------------- one snapshot per conversation, in the background
+
+CHAT_SETTINGS = {"temperature": 0, "max_tokens": 8}
+QUESTIONS = ["hello world, tell me about the river in the morning and the lamp of snow",
+             "and then? the world said hello to the thing in a word or two",
+             "more about the snow, the lamp and the river, please",
+             "in a minute the morning ran in the world; what next?",
+             "one more: the thing, the world, the river"]
+
+
+@pytest.fixture(scope="session")
+def long_llama(models_dir: Path) -> Path:
+    """tiny_llama with room for a chat of several turns (its 256-token window drops turns after two)."""
+    from ggufgen import CHATML_TEMPLATE, make_llama
+
+    return make_llama(models_dir / "tiny-llama-2k.gguf", n_ctx=2048, chat_template=CHATML_TEMPLATE)
+
+
+def chat_session(engine: LlamaEngine, snapshot_store: SnapshotStore | None, history: object) -> object:
+    from chatcli.chat_templates import builtin_format
+    from chatcli.conversation import ChatSession
+
+    return ChatSession(engine=engine, fmt=builtin_format("chatml"), model_label="tiny", history=history,
+                       system="You are terse.", settings=dict(CHAT_SETTINGS), snapshots=snapshot_store,
+                       model_id="m")
+
+
+@pytest.fixture
+def history(home: Path) -> Iterator[object]:
+    from chatcli.history import History
+
+    with History() as store:
+        yield store
+
+
+def state_files(root: Path) -> list[Path]:
+    """Committed snapshot states (not the writer's temporary files)."""
+    return sorted(p for p in root.glob("*.state") if not p.name.startswith(snapshots.TMP)) if root.is_dir() else []
+
+
+class Gate:
+    """Holds the snapshot writer at its first write until opened: a slow disk, with the real writer behind."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        self.open, self.waiting = threading.Event(), threading.Event()
+        real = snapshots._store
+
+        def store_data(data, out):  # noqa: ANN001, ANN202
+            self.waiting.set()
+            assert self.open.wait(60)
+            return real(data, out)
+
+        monkeypatch.setattr(snapshots, "_store", store_data)
+
+
+def test_a_conversation_keeps_one_snapshot_and_deletes_the_superseded(engines, store, history, long_llama) -> None:
+    session = chat_session(engines(long_llama), store, history)
+    seen: list[Path] = []
+    for question in QUESTIONS:
+        assert "".join(session.send(question))
+        store.flush()
+        assert store.last_error is None
+        files = state_files(store.root)
+        assert len(files) == 1  # this conversation's newest state, and nothing else
+        seen += [files[0]] if files[0] not in seen else []
+        assert sorted(p.name for p in store.root.iterdir()) == sorted([files[0].name, files[0].stem + ".json"])
+    # Turns replaced the snapshot before them (a random model's reply may not re-tokenise as it was generated:
+    # then the snapshot ends where the reply diverged, and a turn can leave it as it was).
+    assert len(seen) >= 3
+    assert not any(p.exists() for p in seen[:-1])
+    meta = json.loads(seen[-1].with_suffix(".json").read_text())
+    assert meta["conversation"] == session.conversation_id
+    assert meta["tokens"] == session.engine.cached_tokens  # the context was cut to the rendered history
+    assert session.tokens_for(session.messages)[: meta["n_tokens"]] == meta["tokens"]
+    # Another conversation gets its own snapshot and leaves this one alone.
+    session.reset()
+    "".join(session.send(QUESTIONS[0]))
+    store.flush()
+    assert len(state_files(store.root)) == 2 and seen[-1].exists()
+
+
+def test_continue_restores_the_single_snapshot_with_the_same_greedy_reply(engines, store, history, long_llama) -> None:
+    session = chat_session(engines(long_llama), store, history)
+    for question in QUESTIONS[:3]:
+        "".join(session.send(question))
+    store.close()
+    assert len(state_files(store.root)) == 1
+    n_saved = json.loads(state_files(store.root)[0].with_suffix(".json").read_text())["n_tokens"]
+
+    resumed = chat_session(engines(long_llama), SnapshotStore(), history)
+    resumed.load(session.conversation_id)
+    reply = resumed.send(QUESTIONS[3])
+    restored_text = "".join(reply)
+    assert reply.restored == n_saved > 100
+
+    prefilled = chat_session(engines(long_llama), None, history)
+    prefilled.load(session.conversation_id)
+    prefilled.messages = prefilled.messages[:-2]  # as it was before `resumed` answered
+    full = prefilled.send(QUESTIONS[3])
+    assert full.restored == 0
+    assert "".join(full) == restored_text and restored_text
+
+
+def test_the_snapshot_is_written_off_the_path_to_the_next_prompt(engines, store, history, long_llama,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(monkeypatch)
+    session = chat_session(engines(long_llama), store, history)
+    first = "".join(session.send(QUESTIONS[0]))
+    assert gate.waiting.wait(30)  # the writer has the state and is held at the disk ...
+    assert state_files(store.root) == []
+    # ... and the chat goes on meanwhile: replies stream and come back, and the context is usable.
+    second = "".join(session.send(QUESTIONS[1]))
+    third = "".join(session.send(QUESTIONS[2]))
+    assert first and second and third
+    assert state_files(store.root) == []
+    gate.open.set()
+    store.flush()
+    assert store.last_error is None
+    [state] = state_files(store.root)  # the first write went through; the second was superseded unwritten
+    meta = json.loads(state.with_suffix(".json").read_text())
+    assert meta["tokens"] == session.engine.cached_tokens
+    assert len(session.messages) == 6
+
+
+def test_undo_and_retry_reuse_the_live_context_after_a_snapshot(engines, store, history, long_llama) -> None:
+    engine = engines(long_llama)
+    session = chat_session(engine, store, history)
+    for question in QUESTIONS[:3]:
+        "".join(session.send(question))
+    store.flush()
+    evaluated: list[int] = []
+    original = engine._llm.eval
+    engine._llm.eval = lambda batch: (evaluated.append(len(batch)), original(batch))[1]
+    try:
+        prompt, _ = session.fit()
+        "".join(session.retry())
+        assert evaluated[0] < len(prompt) // 4, (evaluated[0], len(prompt))  # no prefill of the conversation
+        store.flush()
+        evaluated.clear()
+        assert session.undo()
+        prompt, _ = session.fit()
+        "".join(session.send("and a different question now"))
+        assert evaluated[0] < len(prompt) // 2, (evaluated[0], len(prompt))
+    finally:
+        del engine._llm.eval
+    assert store.last_error is None
+
+
+def test_a_write_in_flight_at_close_is_finished_and_valid(engines, store, history, long_llama,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    gate = Gate(monkeypatch)
+    session = chat_session(engines(long_llama), store, history)
+    "".join(session.send(QUESTIONS[0]))
+    assert gate.waiting.wait(30) and state_files(store.root) == []
+    threading.Timer(0.3, gate.open.set).start()
+    store.close()  # waits for the held write
+    assert gate.open.is_set()
+    [state] = state_files(store.root)
+    meta = json.loads(state.with_suffix(".json").read_text())
+    assert hashlib.sha256(state.read_bytes()).hexdigest() == meta["sha256"]
+    fresh = engines(long_llama)
+    assert SnapshotStore().restore(fresh, meta["tokens"], model_id="m") == meta["n_tokens"]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(snapshots.TMP)]
+
+
+def test_chat_process_waits_for_its_snapshot_and_continue_uses_it(chatcli, long_llama: Path, home: Path) -> None:
+    setup = "/set temperature 0\n/set max_tokens 8\n"
+    first = chatcli("chat", "-m", str(long_llama), input=setup + "\n".join(QUESTIONS[:4]) + "\n")
+    assert first.returncode == 0, first.stderr
+    [state] = state_files(home / "cache" / "snapshots")
+    meta = json.loads(state.with_suffix(".json").read_text())
+    assert hashlib.sha256(state.read_bytes()).hexdigest() == meta["sha256"]
+    again = chatcli("chat", "--continue", input=QUESTIONS[4] + "\n")
+    assert again.returncode == 0, again.stderr
+    assert f"restored {meta['n_tokens']} tokens" in again.stderr
+    assert len(state_files(home / "cache" / "snapshots")) == 1
