@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from chatcli.history import History
@@ -47,7 +48,10 @@ def test_templates_edit_validates_before_saving(chatcli, home: Path, tmp_path: P
     editor.write_text('#!/bin/sh\nprintf \'prompt = "Translate: {input}"\\n\' > "$1"\n')
     good = chatcli("templates", "edit", "tr", env={"EDITOR": str(editor)})
     assert good.returncode == 0, good.stderr
-    assert (home / "config/templates/tr.toml").read_text() == 'prompt = "Translate: {input}"\n'
+    saved = home / "config/templates/tr.toml"
+    assert saved.read_text() == 'prompt = "Translate: {input}"\n'
+    if os.name != "nt":
+        assert saved.stat().st_mode & 0o077 == 0  # private from the moment it is written
 
 
 def test_complete_with_a_template_and_vars(chatcli, home: Path, tiny_gpt2: Path) -> None:

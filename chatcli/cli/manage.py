@@ -167,7 +167,7 @@ def templates_show(name: str) -> None:
 @click.argument("name")
 def templates_edit(name: str) -> None:
     """Create or edit a template in $EDITOR (checked when you save)."""
-    from chatcli import prompt_templates
+    from chatcli import paths, prompt_templates
     from chatcli.cli import console
 
     path = prompt_templates.template_path(name)
@@ -176,8 +176,7 @@ def templates_edit(name: str) -> None:
     if edited is None or edited == original and path.exists():
         console.info("no changes")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = path.with_name(f".{path.name}.new")
+    candidate = paths.private_file(path.with_name(f".{path.name}.new"))  # 0600 before the text is in it
     candidate.write_text(edited, encoding="utf-8")
     try:
         prompt_templates.validate_file(candidate, name=name)
