@@ -9,49 +9,76 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import re
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from chatcli.errors import ContextOverflowError, GGUFError, ModelLoadError, UsageError
+from chatcli.errors import ContextOverflowError, ExitCode, GGUFError, ModelLoadError, UsageError
+
+if TYPE_CHECKING:
+    from chatcli.cpu_share import CoreShare
 
 FinishReason = Literal["stop", "length", "context", "interrupted"]
 
 
+def _setting(kind: type, help: str, example: int | float) -> dict[str, object]:
+    """Field metadata of a sampling setting: the CLI makes a flag of it and the REPL a /set name."""
+    return {"kind": kind, "help": help, "example": example}
+
+
+class InvalidSetting(UsageError):
+    """A sampling setting out of range; `name` is the field, so each front end can say it its own way."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name} {why}")
+        self.name, self.why = name, why
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to pick tokens. temperature 0 = greedy (deterministic)."""
+    """How to pick tokens. temperature 0 = greedy (deterministic). Fields with metadata are user settings."""
 
-    max_tokens: int | None = None  # None: until EOS or the context window is full
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
+    max_tokens: int | None = field(default=None, metadata=_setting(  # None: until EOS or the context is full
+        int, "Stop after N tokens (default: until the model ends).", 256))
+    temperature: float = field(default=0.8, metadata=_setting(
+        float, "Randomness; 0 = always the likeliest token.", 0.7))
+    top_p: float = field(default=0.95, metadata=_setting(float, "Nucleus sampling threshold.", 0.9))
+    top_k: int = field(default=40, metadata=_setting(int, "Sample from the K likeliest tokens (0 = all).", 40))
+    min_p: float = field(default=0.05, metadata=_setting(
+        float, "Drop tokens less likely than this times the top one.", 0.05))
+    repeat_penalty: float = field(default=1.0, metadata=_setting(
+        float, "Penalise repeated tokens (1 = off).", 1.1))
+    seed: int | None = field(default=None, metadata=_setting(int, "Random seed, for reproducible sampling.", 42))
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF source
 
     def validate(self) -> SamplingOptions:
+        """Self, or InvalidSetting naming the first field out of range."""
         checks = [
-            ("--max-tokens", self.max_tokens is None or self.max_tokens >= 0, "must be 0 or more"),
-            ("--temperature", 0.0 <= self.temperature <= 5.0, "must be between 0 and 5"),
-            ("--top-p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("--top-k", self.top_k >= 0, "must be 0 (off) or more"),
-            ("--min-p", 0.0 <= self.min_p <= 1.0, "must be between 0 and 1"),
-            ("--repeat-penalty", 0.0 < self.repeat_penalty <= 10.0, "must be in (0, 10]"),
-            ("--seed", self.seed is None or 0 <= self.seed < 2**32 - 1, "must be between 0 and 4294967294"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 0, "must be 0 or more"),
+            ("temperature", 0.0 <= self.temperature <= 5.0, "must be between 0 and 5"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or more"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be between 0 and 1"),
+            ("repeat_penalty", 0.0 < self.repeat_penalty <= 10.0, "must be in (0, 10]"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**32 - 1, "must be between 0 and 4294967294"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise UsageError(f"invalid value for {name}: {why}")
+                raise InvalidSetting(name, why)
         if any(s == "" for s in self.stop):
-            raise UsageError("invalid value for --stop: must not be empty")
+            raise InvalidSetting("stop", "must not be empty")
         return self
+
+
+# The settings a user can give (flags, /set, catalogue and template options), in SamplingOptions' order.
+SETTINGS: tuple[Field[object], ...] = tuple(f for f in fields(SamplingOptions) if f.metadata)
 
 
 @dataclass
@@ -81,15 +108,78 @@ class GenerationResult:
         }
 
 
+class ModelHeader(Protocol):
+    """What callers read of a model's header (gguf_info.GGUFInfo for a local file)."""
+
+    @property
+    def architecture(self) -> str | None: ...
+    @property
+    def chat_template(self) -> str | None: ...
+    @property
+    def bos_token(self) -> str | None: ...
+    @property
+    def eos_token(self) -> str | None: ...
+    @property
+    def eot_token(self) -> str | None: ...
+    @property
+    def file_size(self) -> int | None: ...
+    @property
+    def n_params(self) -> int | None: ...
+    @property
+    def file_type(self) -> str | None: ...
+
+
 class Engine(Protocol):
-    """What the CLI and REPL need from a model runner (a fake one serves the unit tests)."""
+    """Everything the CLI, the REPL and a chat session use of a model runner.
+
+    LlamaEngine implements it; tests/fake_engine.py implements all of it too, so no caller needs
+    `hasattr` probes. The state methods serve KV snapshots (snapshots.py).
+    """
 
     path: Path
     n_ctx: int
+    n_threads: int
+    gpu_layers: int  # -1 all, 0 none
+    flash_attn: bool
+    load_seconds: float
+
+    @property
+    def info(self) -> ModelHeader: ...
+    @property
+    def add_bos(self) -> bool: ...
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...
     def generate(self, prompt: Sequence[int], options: SamplingOptions) -> Generation: ...
+    def close(self) -> None: ...
+
+    # -------------------------------------------------------- state (snapshots)
+
+    @property
+    def cached_tokens(self) -> list[int]: ...
+    def save_state(self, path: Path) -> int: ...
+    def load_state(self, path: Path) -> list[int]: ...
+    def reset(self) -> None: ...
+    def truncate(self, n_tokens: int) -> None: ...
+
+
+@runtime_checkable
+class TextEngine(Protocol):
+    """A model behind an API (remote.RemoteEngine): text or messages in, text out; no tokens and no state here.
+
+    The server renders its chat template, tokenizes and enforces its context window, so callers send the raw
+    prompt or the conversation as it is. Callers branch on `isinstance(engine, TextEngine)`: once in
+    completion.run and once in ChatSession._begin.
+    """
+
+    label: str  # what errors and notices call it, e.g. "@box/llama-3 at http://box:8000/v1"
+    n_ctx: int | None  # the server's context window, when it says
+    load_seconds: float  # connecting and finding the model
+
+    def complete_text(self, prompt: str, options: SamplingOptions, *,
+                      json_schema: dict[str, Any] | None = None) -> Generation: ...
+    def chat(self, messages: Sequence[Mapping[str, str]], options: SamplingOptions, *,
+             json_schema: dict[str, Any] | None = None) -> Generation: ...
     def close(self) -> None: ...
 
 
@@ -160,6 +250,158 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+# ---------------------------------------------------------------- loading: llama.cpp's last words
+#
+# llama.cpp aborts the process (GGML_ASSERT -> ggml_abort -> abort()) on some values our checks may still
+# miss. ggml_abort calls a process-wide callback first (ggml_set_abort_callback, in libggml-base); ours writes
+# one line naming the file and llama.cpp's reason to the real stderr (fd 2 may be silenced at that moment) and
+# exits with ExitCode.ERROR. It is the one place below the CLI that writes and exits: the process is about to
+# die, and nothing above can run any more.
+
+
+@dataclass
+class _AbortState:
+    stderr_fd: int = 2
+    doing: str = "running a model"
+    callback: object = None  # the ctypes function pointer ggml holds: must live as long as the process
+    # Several compute threads can assert at once: the first one speaks, the others wait for its exit.
+    speaking: threading.Lock = field(default_factory=threading.Lock)
+
+
+_abort_state = _AbortState()
+_ABORT_CALLBACK_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+def _on_ggml_abort(message: bytes | None) -> None:
+    if not _abort_state.speaking.acquire(blocking=False):
+        time.sleep(60)
+        os._exit(ExitCode.ERROR)
+    text = " ".join((message or b"").decode("utf-8", "replace").split())
+    text = re.sub(r"^\S*/(?=[^/\s]+:\d+: )", "", text)  # the build tree's path: keep "llama-model.cpp:1328: "
+    line = f"error: llama.cpp aborted while {_abort_state.doing}: {text or 'no reason given'}\n"
+    try:
+        os.write(_abort_state.stderr_fd, line.encode("utf-8", "replace"))
+    finally:
+        os._exit(ExitCode.ERROR)
+
+
+def install_abort_handler() -> bool:
+    """Make llama.cpp's aborts print one line and exit 1 instead of a silent SIGABRT; False if unsupported."""
+    if _abort_state.callback is not None:
+        return True
+    for lib in _ggml_base_candidates():
+        try:
+            setter = ctypes.CDLL(str(lib)).ggml_set_abort_callback
+        except (OSError, AttributeError):
+            continue  # an older ggml has no such hook: aborts stay silent, our header checks are all there is
+        setter.argtypes = [_ABORT_CALLBACK_TYPE]
+        setter.restype = ctypes.c_void_p
+        callback = _ABORT_CALLBACK_TYPE(_on_ggml_abort)
+        setter(callback)
+        _abort_state.callback = callback
+        return True
+    return False
+
+
+def _ggml_base_candidates() -> list[Path]:
+    """The libggml-base that llama.cpp itself uses, first.
+
+    A wheel stores libggml-base.so, .so.0 and .so.0.x.y as three copies (zip has no symlinks): opening the wrong
+    one loads a second ggml whose callback llama.cpp never sees. So prefer the copy already mapped into this
+    process (libllama's dependency), then the soname, then the rest.
+    """
+    import llama_cpp
+
+    found: list[Path] = []
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            name = line.rsplit(" ", 1)[-1]
+            if "/libggml-base." in name and Path(name) not in found:
+                found.append(Path(name))
+    except OSError:
+        pass
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so.0", "libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists() and lib_dir / name not in found:
+            found.append(lib_dir / name)
+    return found
+
+
+_LOG_ERROR = 4  # ggml.h's ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT); llama_cpp._logger's map is older
+_LOG_CONT = 5
+_LOG_CALLBACK_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+@contextmanager
+def _keep_llama_log(verbose: bool) -> Iterator[list[str]]:
+    """Collect llama.cpp's error lines while the block runs (and still print its log with --verbose)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    errors: list[str] = []
+    last_level = 0
+
+    def on_log(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
+        nonlocal last_level
+        if level != _LOG_CONT:
+            last_level = level
+        piece = (text or b"").decode("utf-8", "replace")
+        if last_level == _LOG_ERROR:
+            if level == _LOG_CONT and errors:
+                errors[-1] += piece
+            else:
+                errors.append(piece)
+        if verbose:
+            sys.stderr.write(piece)
+            sys.stderr.flush()
+
+    callback = _LOG_CALLBACK_TYPE(on_log)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield errors
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def llama_error_reason(lines: Sequence[str]) -> str | None:
+    """llama.cpp's own reason from its error log lines: the last specific one, without function prefixes."""
+    for line in reversed(lines):
+        text = " ".join(line.split())
+        if not text or "failed to load model" in text:
+            continue
+        text = re.sub(r"^(\w+: )+", "", text)  # "llama_model_load: "
+        return text.removeprefix("error loading model: ")[:300]
+    return None
+
+
+def load_llama(path: Path, *, verbose: bool = False, label: str | None = None,
+               **params: object) -> Any:  # a llama_cpp.Llama: imported lazily, so not named here
+    """llama_cpp.Llama(model_path=path, **params), with aborts reported and llama.cpp's reason on failure.
+
+    No value checks here: LlamaEngine runs gguf_checks first. Raises ModelLoadError naming `label` (default:
+    the path).
+    """
+    import llama_cpp
+    from llama_cpp import _logger
+
+    _logger.set_verbose(verbose)
+    if not verbose:
+        _logger.logger.setLevel(100)  # above CRITICAL: errors become our own one-line messages
+    install_abort_handler()
+    _abort_state.doing = f"loading {path}"
+    try:
+        with _keep_llama_log(verbose) as errors, _quiet_fds(verbose):
+            return llama_cpp.Llama(model_path=str(path), verbose=verbose, **params)  # type: ignore[arg-type]
+    except (ValueError, RuntimeError, OSError) as exc:
+        reason = llama_error_reason(errors) or str(exc)
+        raise ModelLoadError(
+            f"llama.cpp could not load {label or path}: {reason}; the file may be damaged or use an architecture this "
+            "llama.cpp does not support (run with --verbose for llama.cpp's log)"
+        ) from exc
+    finally:
+        _abort_state.doing = f"running {path}"
+
+
 @contextmanager
 def _quiet_fds(verbose: bool) -> Iterator[None]:
     """Keep C-level prints off stdout (it carries only the product) and silence stderr unless --verbose."""
@@ -168,16 +410,25 @@ def _quiet_fds(verbose: bool) -> Iterator[None]:
     saved_out = os.dup(1)
     saved_err = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
+    outer_fd = _abort_state.stderr_fd
+    _abort_state.stderr_fd = saved_err  # an abort's last word must reach the user, not /dev/null
     try:
         os.dup2(2 if verbose else devnull, 1)
         if not verbose:
             os.dup2(devnull, 2)
         yield
     finally:
+        _abort_state.stderr_fd = outer_fd
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, devnull):
             os.close(fd)
+
+
+def _core_share(cores: int) -> CoreShare:
+    from chatcli.cpu_share import CoreShare
+
+    return CoreShare(cores)
 
 
 def gpu_offload_supported() -> bool:
@@ -258,6 +509,7 @@ class LlamaEngine:
         flash_attn: bool = True,
         verbose: bool = False,
     ) -> None:
+        from chatcli.gguf_checks import available_memory, check_loadable
         from chatcli.gguf_info import read_gguf
 
         self.path = Path(path)
@@ -272,38 +524,31 @@ class LlamaEngine:
         self.n_ctx = choose_context(n_ctx, default_ctx, info.context_length,
                                     kv_bytes_per_token(info.metadata, info.architecture))
         self.n_threads = n_threads or physical_cores()
+        # threads not fixed by the user: share the cores with other chatcli engines generating now
+        self._share = None if n_threads else _core_share(self.n_threads)
         self.gpu_layers = resolve_gpu_layers(gpu_layers)
+        # Values llama.cpp would abort on, and a load that cannot fit in memory (weights that go to a GPU
+        # are not counted against RAM, so the memory estimate is skipped then).
+        check_loadable(info, n_ctx=self.n_ctx, memory=available_memory() if self.gpu_layers == 0 else None)
         self.flash_attn = flash_attn
         self.verbose = verbose
         started = time.perf_counter()
-        import llama_cpp
-        from llama_cpp import _logger
-
-        _logger.set_verbose(verbose)
-        if not verbose:
-            _logger.logger.setLevel(100)  # above CRITICAL: errors become our own one-line messages
-        try:
-            with _quiet_fds(verbose):
-                self._llm = llama_cpp.Llama(
-                    model_path=str(self.path),
-                    n_ctx=self.n_ctx,
-                    n_batch=min(512, self.n_ctx),
-                    n_ubatch=min(512, self.n_ctx),
-                    n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads,
-                    n_gpu_layers=self.gpu_layers,
-                    use_mmap=True,
-                    flash_attn=flash_attn,
-                    verbose=verbose,
-                )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(
-                f"llama.cpp could not load {self.path.name} ({info.architecture}): {exc}; "
-                "the file may be damaged or use an architecture this llama.cpp does not support "
-                "(run with --verbose for llama.cpp's log)"
-            ) from exc
+        self._llm = load_llama(
+            self.path,
+            verbose=verbose,
+            label=f"{self.path.name} ({info.architecture})",
+            n_ctx=self.n_ctx,
+            n_batch=min(512, self.n_ctx),
+            n_ubatch=min(512, self.n_ctx),
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            n_gpu_layers=self.gpu_layers,
+            use_mmap=True,
+            flash_attn=flash_attn,
+        )
         self.load_seconds = time.perf_counter() - started
         self._vocab = self._llm._model.vocab
+        self._threads_now = self.n_threads
         self._pieces: dict[int, bytes] = {}
 
     # -------------------------------------------------------- tokens
@@ -385,65 +630,138 @@ class LlamaEngine:
         started = time.perf_counter()
         first_at: float | None = None
         result.finish_reason = "stop"
-        tokens = llm.generate(
-            prompt,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            min_p=options.min_p,
-            temp=options.temperature,
-            repeat_penalty=options.repeat_penalty,
-            grammar=grammar,
-        )
-        try:
-            stopped = limit == 0
-            for token in ([] if stopped else tokens):
-                now = time.perf_counter()
-                if first_at is None:
-                    first_at = now
-                    result.prompt_seconds = now - started
-                result.decode_seconds = now - first_at
-                if self.is_end_of_generation(token):
-                    break
-                result.completion_tokens += 1
-                text, stopped = scanner.feed(decoder.decode(self.piece(token)))
-                if text:
-                    parts.append(text)
-                    yield text
-                if stopped:
-                    break
-                if limit is not None and result.completion_tokens >= limit:
-                    result.finish_reason = "length"
-                    break
-                if result.completion_tokens >= room:
-                    result.finish_reason = "context"
-                    break
-            if not stopped:
-                text, stopped = scanner.feed(decoder.decode(b"", final=True))
-                text += "" if stopped else scanner.flush()
-                if text:
-                    parts.append(text)
-                    yield text
-        except GeneratorExit:
-            result.finish_reason = "interrupted"
-            raise
-        except KeyboardInterrupt:
-            result.finish_reason = "interrupted"
-            raise
-        finally:
-            tokens.close()
-            result.text = "".join(parts)
+        sharing = self._share.generating() if self._share is not None else nullcontext(None)
+        with sharing as share:
+            self._use_threads(share.threads(force=True) if share is not None else self.n_threads)
+            tokens = llm.generate(
+                prompt,
+                top_k=options.top_k,
+                top_p=options.top_p,
+                min_p=options.min_p,
+                temp=options.temperature,
+                repeat_penalty=options.repeat_penalty,
+                grammar=grammar,
+            )
+            try:
+                stopped = limit == 0
+                for token in ([] if stopped else tokens):
+                    if share is not None:
+                        self._use_threads(share.threads())
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        result.prompt_seconds = now - started
+                    result.decode_seconds = now - first_at
+                    if self.is_end_of_generation(token):
+                        break
+                    result.completion_tokens += 1
+                    text, stopped = scanner.feed(decoder.decode(self.piece(token)))
+                    if text:
+                        parts.append(text)
+                        yield text
+                    if stopped:
+                        break
+                    if limit is not None and result.completion_tokens >= limit:
+                        result.finish_reason = "length"
+                        break
+                    if result.completion_tokens >= room:
+                        result.finish_reason = "context"
+                        break
+                if not stopped:
+                    text, stopped = scanner.feed(decoder.decode(b"", final=True))
+                    text += "" if stopped else scanner.flush()
+                    if text:
+                        parts.append(text)
+                        yield text
+            except GeneratorExit:
+                result.finish_reason = "interrupted"
+                raise
+            except KeyboardInterrupt:
+                result.finish_reason = "interrupted"
+                raise
+            finally:
+                tokens.close()
+                result.text = "".join(parts)
+
+    def _use_threads(self, n: int) -> None:
+        if n != self._threads_now:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n, n)
+            self._threads_now = n
 
     # -------------------------------------------------------- state (KV cache) snapshots
+    # A snapshot can be taken on another thread: the owner claims the context (claim_state), the writer copies
+    # its state (state_file_bytes) and lets go (release_state). What changes the context waits for that
+    # (wait_state): truncate, reset, load_state, save_state and close here, ChatSession before it generates.
 
     @property
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values are in the context now (what a snapshot would hold)."""
         return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
 
+    def _state_claim(self):  # noqa: ANN202
+        claim = self.__dict__.get("_claim")
+        if claim is None:
+            import threading
+
+            claim = self.__dict__.setdefault("_claim", threading.Lock())
+        return claim
+
+    def claim_state(self) -> None:
+        """Reserve the context for a snapshot that another thread takes; it calls release_state when done."""
+        self._state_claim().acquire()
+
+    def release_state(self) -> None:
+        self._state_claim().release()
+
+    def wait_state(self) -> None:
+        """Return once no snapshot is being taken of the context (at once when none is)."""
+        claim = self._state_claim()
+        with claim:
+            pass
+
+    def state_file_bytes(self, keep: Sequence[int] | None = None,
+                         min_tokens: int = 0) -> tuple[list[int], bytearray] | None:
+        """Copy the context's state into memory, laid out as llama_state_save_file writes it (load_state reads it).
+
+        With `keep`, the context is first cut to the prefix it shares with it. None (and the context left as
+        it was) when fewer than min_tokens would remain. Does not wait for a claim: the claim's holder calls it.
+        """
+        import struct
+
+        import llama_cpp
+
+        tokens = self.cached_tokens
+        if keep is not None:
+            common = next((i for i, (a, b) in enumerate(zip(tokens, keep, strict=False)) if a != b),
+                          min(len(tokens), len(keep)))
+            if common < max(1, min_tokens):
+                return None
+            if common < len(tokens):
+                self._llm._ctx.kv_cache_seq_rm(-1, common, -1)
+                self._llm.n_tokens = common
+                tokens = tokens[:common]
+        if len(tokens) < max(1, min_tokens):
+            return None
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        head = struct.calcsize(f"<III{len(tokens)}i")
+        data = bytearray(head + size)
+        struct.pack_into(f"<III{len(tokens)}i", data, 0, llama_cpp.LLAMA_SESSION_MAGIC,
+                         llama_cpp.LLAMA_SESSION_VERSION, len(tokens), *tokens)
+        window = (ctypes.c_uint8 * size).from_buffer(data, head)
+        written = llama_cpp.llama_state_get_data(ctx, window, size)
+        del window  # lets go of the bytearray's buffer
+        if written != size:
+            raise OSError(f"llama.cpp copied {written} bytes of a {size}-byte state")
+        return tokens, data
+
     def save_state(self, path: Path) -> int:
         """Write the context's state for its current tokens to `path`; returns the token count."""
         import llama_cpp
 
+        self.wait_state()
         tokens = self.cached_tokens
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
         if not llama_cpp.llama_state_save_file(self._llm._ctx.ctx, str(path).encode(), array, len(tokens)):
@@ -457,6 +775,7 @@ class LlamaEngine:
         """
         import llama_cpp
 
+        self.wait_state()
         capacity = self.n_ctx
         array = (llama_cpp.llama_token * capacity)()
         count = ctypes.c_size_t(0)
@@ -474,11 +793,13 @@ class LlamaEngine:
 
     def reset(self) -> None:
         """Forget the context (the next generation reads its whole prompt)."""
+        self.wait_state()
         self._llm.reset()
         self._llm._ctx.kv_cache_clear()
 
     def truncate(self, n_tokens: int) -> None:
         """Keep only the first n_tokens of the context."""
+        self.wait_state()
         if n_tokens < self._llm.n_tokens:
             self._llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
             self._llm.n_tokens = n_tokens
@@ -486,5 +807,6 @@ class LlamaEngine:
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
+            self.wait_state()  # a snapshot may still be copying the context
             llm.close()
             self._llm = None

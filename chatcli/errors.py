@@ -7,7 +7,7 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     OK = 0
-    ERROR = 1
+    ERROR = 1  # runtime error: also a model llama.cpp refused, or aborted on (engine's abort handler)
     USAGE = 2
     CONTEXT_OVERFLOW = 3
     INTERRUPTED = 130
@@ -43,6 +43,10 @@ class GGUFError(ChatcliError):
     """A GGUF file is truncated, malformed or hostile."""
 
 
+class GGUFValueError(GGUFError):
+    """A GGUF header reads fine but holds values llama.cpp would crash on or cannot load (see gguf_checks)."""
+
+
 class ModelLoadError(ChatcliError):
     """llama.cpp could not load the model."""
 
@@ -69,3 +73,11 @@ class Interrupted(ChatcliError):
     """Ctrl-C, with a word on what was kept."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class RemoteError(ChatcliError):
+    """A remote endpoint failed: unreachable, refused, busy, or it broke off or garbled a reply (remote.py).
+
+    In a piped chat it ends the run (exit 1) instead of moving on to the next line: the lines after it would be
+    answered without the reply that failed.
+    """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import stat
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -107,6 +107,8 @@ class GGUFInfo:
     alignment: int
     data_offset: int  # where tensor data starts
     tensors: tuple[TensorInfo, ...]
+    # Byte span [start, end) of each summarised array's elements, so a check can read them back later.
+    array_spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     def arch_value(self, suffix: str) -> object | None:
         """The value of "{architecture}.{suffix}", e.g. arch_value("block_count")."""
@@ -161,17 +163,19 @@ _U64 = struct.Struct("<Q")
 class _Reader:
     """Sequential little-endian reads through a window of the file, bounds-checked."""
 
-    __slots__ = ("f", "path", "size", "buf", "base", "pos", "where", "kept")
+    __slots__ = ("f", "path", "size", "chunk", "buf", "base", "pos", "where", "kept", "spans")
 
-    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
+    def __init__(self, f: BinaryIO, path: Path, size: int, chunk: int = _CHUNK) -> None:
         self.f = f
         self.path = path
         self.size = size
+        self.chunk = chunk  # bytes read ahead per refill: small for HTTP Range reads, so no more than needed is fetched
         self.buf = b""
         self.base = 0
         self.pos = 0
         self.where = "header"
         self.kept = 0  # bytes of strings decoded so far
+        self.spans: dict[str, tuple[int, int]] = {}  # summarised arrays: key -> [start, end) of the elements
 
     def error(self, message: str) -> GGUFError:
         return GGUFError(f"{self.path}: {message} (in {self.where})")
@@ -195,7 +199,7 @@ class _Reader:
         off = self.pos - self.base
         if off < 0 or end - self.base > len(self.buf):
             self.f.seek(self.pos)
-            data = self.f.read(max(n, _CHUNK))
+            data = self.f.read(max(n, self.chunk))
             if len(data) < n:  # the file shrank under us
                 self.size = self.pos + len(data)
                 raise self.truncated(end)
@@ -323,6 +327,7 @@ def _read_value(r: _Reader, vtype: int, key: str, vocab: _Vocab) -> object:
     type_name = VALUE_TYPES[etype][0]
 
     if key in _SUMMARISED_KEYS or count > INLINE_ARRAY_MAX:
+        start = r.pos
         if est is not None:
             r.skip(count * est.size)
         elif key == "tokenizer.ggml.tokens":
@@ -330,6 +335,7 @@ def _read_value(r: _Reader, vtype: int, key: str, vocab: _Vocab) -> object:
             r.skip_strings(count, vocab.checkpoints)
         else:
             r.skip_strings(count)
+        r.spans[key] = (start, r.pos)
         return ArraySummary(type_name, count)
     if est is None:
         return tuple(r.string(MAX_STRING_VALUE_LEN) for _ in range(count))
@@ -368,6 +374,18 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             return _parse(_Reader(f, path, size))
     except OSError as exc:
         raise GGUFError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def read_gguf_from(source: BinaryIO, name: Path, size: int, *, chunk: int = _CHUNK) -> GGUFInfo:
+    """The same checked parse from any seekable byte source of `size` bytes (a remote file read by HTTP Range).
+
+    `name` labels errors and becomes GGUFInfo.path; read_string_array reads from that path, so a caller whose
+    source is not that file must point it at a copy of the header (remote_header keeps one in the cache).
+    """
+    try:
+        return _parse(_Reader(source, name, size, chunk))
+    except OSError as exc:
+        raise GGUFError(f"{name}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _parse(r: _Reader) -> GGUFInfo:
@@ -484,6 +502,7 @@ def _parse(r: _Reader) -> GGUFInfo:
         alignment=alignment,
         data_offset=data_offset,
         tensors=tuple(tensors),
+        array_spans=r.spans,
     )
 
 
@@ -496,3 +515,40 @@ def _file_type(ftype: object, tensors: list[TensorInfo]) -> str | None:
     # 1-D tensors (norms, biases) stay F32 in every quant, so they do not count.
     counts = Counter(t.type for t in tensors if len(t.shape) >= 2) or Counter(t.type for t in tensors)
     return counts.most_common(1)[0][0] if counts else None
+
+
+MAX_READ_BACK_BYTES = 1 << 27  # a real vocabulary is a few MB (Gemma 3's 262k tokens: ~5 MB)
+
+
+def read_string_array(info: GGUFInfo, key: str) -> list[bytes]:
+    """The raw strings of a summarised string array (e.g. the vocabulary), read back from the file.
+
+    Bytes, not str: llama.cpp compares token strings byte for byte, and decoding with replacement
+    would make two different invalid sequences look equal.
+    """
+    summary = info.metadata.get(key)
+    span = info.array_spans.get(key)
+    if not isinstance(summary, ArraySummary) or summary.type != "STRING" or span is None:
+        raise GGUFError(f"{info.path}: {key} is not an array of strings")
+    start, end = span
+    if end - start > MAX_READ_BACK_BYTES:
+        raise GGUFError(f"{info.path}: {key} takes {end - start} bytes (limit {MAX_READ_BACK_BYTES})")
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as exc:
+        raise GGUFError(f"{info.path}: cannot read: {exc.strerror or exc}") from exc
+    unpack = _U64.unpack_from
+    out: list[bytes] = []
+    pos = 0
+    for _ in range(summary.length):
+        if pos + 8 > len(data):
+            raise GGUFError(f"{info.path}: {key} changed while it was read")
+        n = unpack(data, pos)[0]
+        pos += 8
+        if pos + n > len(data):
+            raise GGUFError(f"{info.path}: {key} changed while it was read")
+        out.append(data[pos : pos + n])
+        pos += n
+    return out

