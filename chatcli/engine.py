@@ -509,11 +509,13 @@ class LlamaEngine:
         flash_attn: bool = True,
         verbose: bool = False,
     ) -> None:
-        from chatcli.gguf_checks import available_memory, check_loadable
+        from chatcli import header_cache
+        from chatcli.gguf_checks import available_memory, check_fits, check_loadable
         from chatcli.gguf_info import read_gguf
 
         self.path = Path(path)
-        info = read_gguf(self.path)  # bounds-checked: a hostile header never reaches llama.cpp
+        known = header_cache.lookup(self.path)  # this very file passed every value check before
+        info = known or read_gguf(self.path)  # bounds-checked: a hostile header never reaches llama.cpp
         if info.split and info.split[0] != 0:
             raise GGUFError(f"{self.path}: this is part {info.split[0] + 1} of a split model; open the first part")
         if not info.architecture:
@@ -529,7 +531,12 @@ class LlamaEngine:
         self.gpu_layers = resolve_gpu_layers(gpu_layers)
         # Values llama.cpp would abort on, and a load that cannot fit in memory (weights that go to a GPU
         # are not counted against RAM, so the memory estimate is skipped then).
-        check_loadable(info, n_ctx=self.n_ctx, memory=available_memory() if self.gpu_layers == 0 else None)
+        if known is None:
+            check_loadable(info)
+            header_cache.remember(info)
+        memory = available_memory() if self.gpu_layers == 0 else None
+        if memory is not None:
+            check_fits(info, n_ctx=self.n_ctx, memory=memory)
         self.flash_attn = flash_attn
         self.verbose = verbose
         started = time.perf_counter()

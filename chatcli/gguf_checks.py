@@ -485,6 +485,14 @@ def find_problems(info: GGUFInfo, *, n_ctx: int | None = None, memory: int | Non
     return c.problems
 
 
+def check_fits(info: GGUFInfo, *, n_ctx: int, memory: int) -> None:
+    """Only the memory estimate, for a header whose values passed before (header_cache)."""
+    c = _Checker(info)
+    _check_memory(c, n_ctx, memory)
+    if c.problems:
+        raise GGUFValueError(c.problems[0].line(info.path))
+
+
 def check_loadable(info: GGUFInfo, *, n_ctx: int | None = None, memory: int | None = None) -> None:
     """Raise GGUFValueError with the first problem (one line naming the file and the field), if any."""
     problems = find_problems(info, n_ctx=n_ctx, memory=memory)
