@@ -24,6 +24,10 @@ SETTINGS: dict[str, tuple[str, type, object, str]] = {
     "ctx_size": ("CHATCLI_CTX_SIZE", int, None, "context window in tokens (default: the model's)"),
     "flash_attn": ("CHATCLI_FLASH_ATTN", bool, True, "use flash attention (faster on CPU here: `chatcli bench`)"),
     "snapshots": ("CHATCLI_SNAPSHOTS", bool, True, "save and restore conversation state (KV cache)"),
+    "memory_limit": ("CHATCLI_MEMORY_LIMIT", str, None,
+                     "assume this much memory is free (e.g. 8GB) when `show` and `pull --quant auto` judge fit"),
+    "pull_quant": ("CHATCLI_PULL_QUANT", str, None,
+                   "quant `pull` takes when none is named: auto = the largest that fits this machine"),
 }
 
 

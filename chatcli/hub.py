@@ -154,6 +154,43 @@ def list_repo_ggufs(repo: str, revision: str) -> list[str]:
     return _with_retries(call, repo, None, revision)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class RepoEntry:
+    """A file in a repo listing: its size, and the id of its content (the LFS sha256, else the git blob id)."""
+
+    path: str
+    size: int
+    oid: str
+
+
+def list_repo_entries(repo: str, revision: str) -> list[RepoEntry]:
+    """Every file of a repo with its size and content id, from the tree listing (no per-file requests).
+
+    Asked through huggingface_hub's session and headers but without HfApi's own backoff, which spends ~30 s
+    retrying a refused connection: an unreachable Hub is answered at once (HubUnreachableError).
+    """
+    from urllib.parse import quote
+
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    def call() -> list[RepoEntry]:
+        url: str | None = f"{_endpoint()}/api/models/{repo}/tree/{quote(revision, safe='')}?recursive=true"
+        out = []
+        while url:
+            resp = get_session().get(url, headers=build_hf_headers(), follow_redirects=True, timeout=30)
+            hf_raise_for_status(resp)
+            for item in resp.json():
+                if item.get("type") != "file":
+                    continue
+                lfs = item.get("lfs") or {}
+                out.append(RepoEntry(str(item["path"]), int(item.get("size") or 0), str(lfs.get("oid") or
+                                                                                       item.get("oid") or "")))
+            url = resp.links.get("next", {}).get("url")
+        return out
+
+    return _with_retries(call, repo, None, revision)  # type: ignore[return-value]
+
+
 def remote_file(repo: str, filename: str, revision: str) -> RemoteFile:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 

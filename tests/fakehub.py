@@ -25,6 +25,14 @@ _FLIP = bytes(255 - i for i in range(256))
 _DATE = "2024-01-01T00:00:00.000Z"
 
 
+class Served(NamedTuple):
+    """One resolve GET's body: the file's path in its repo, the Range asked for, the bytes written."""
+
+    path: str
+    range: str | None
+    nbytes: int
+
+
 class RequestRecord(NamedTuple):
     """One answered request: method, URL-decoded path (no query), Range header, status."""
 
@@ -79,7 +87,8 @@ def _blob_from(data: bytes | pathlib.Path, lfs: bool) -> _Blob:
         with data.open("rb") as f:
             while chunk := f.read(1 << 20):
                 sha.update(chunk)
-                git.update(chunk)
+                if not lfs:  # an LFS file's git oid is its pointer's: skip hashing GBs twice
+                    git.update(chunk)
         content, source = None, data
     else:
         content, source, size = bytes(data), None, len(data)
@@ -128,8 +137,10 @@ class FakeHub:
         self._drops: list[tuple[int, bool]] = []
         self._corrupt: list[str] = []
         self._throttle: float | None = None
+        self._ignore_ranges = False
         self._requests: list[RequestRecord] = []
         self._body_bytes_sent = 0
+        self._served: list[Served] = []
         self._server = _Server(self)
         host, port = self._server.server_address[:2]
         self.url = f"http://{host}:{port}"
@@ -199,9 +210,15 @@ class FakeHub:
         with self._lock:
             self._throttle = bytes_per_second
 
-    def reset_faults(self) -> None:
-        """Forget every pending failure, drop, corruption and throttle."""
+    def ignore_ranges(self, ignore: bool = True) -> None:
+        """Answer every resolve GET with 200 and the whole body, as a server without Range support does."""
         with self._lock:
+            self._ignore_ranges = ignore
+
+    def reset_faults(self) -> None:
+        """Forget every pending failure, drop, corruption, throttle and ignore_ranges."""
+        with self._lock:
+            self._ignore_ranges = False
             self._failures.clear()
             self._drops.clear()
             self._corrupt.clear()
@@ -221,10 +238,21 @@ class FakeHub:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def served(self) -> list[Served]:
+        """Every resolve GET body, oldest first: which file, which Range, how many bytes went out."""
+        with self._lock:
+            return list(self._served)
+
+    def bytes_served(self, path_substring: str = "") -> int:
+        """Body bytes written for resolve GETs of files whose path contains `path_substring`."""
+        return sum(s.nbytes for s in self.served if path_substring in s.path)
+
     def reset_stats(self) -> None:
-        """Clear `requests` and `body_bytes_sent`."""
+        """Clear `requests`, `served` and `body_bytes_sent`."""
         with self._lock:
             self._requests.clear()
+            self._served.clear()
             self._body_bytes_sent = 0
 
     # -- internals used by the handler
@@ -500,7 +528,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         if blob.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(blob.size)})
-        span = _parse_range(self.headers.get("Range"), blob.size)
+        with self.server.hub._lock:
+            ignore = self.server.hub._ignore_ranges
+        span = None if ignore else _parse_range(self.headers.get("Range"), blob.size)
         if span is False:
             self._send(416, {**headers, "Content-Range": f"bytes */{blob.size}"})
             return
@@ -514,9 +544,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
         if self.command == "GET":
-            self._stream(blob, start, end - start + 1)
+            sent = self._stream(blob, start, end - start + 1)
+            with self.server.hub._lock:
+                self.server.hub._served.append(Served(path, self.headers.get("Range"), sent))
 
-    def _stream(self, blob: _Blob, start: int, length: int) -> None:
+    def _stream(self, blob: _Blob, start: int, length: int) -> int:
+        """Write the body; returns the bytes that went out."""
         hub = self.server.hub
         request_path = urllib.parse.unquote(self.path.split("?", 1)[0])
         with hub._lock:
@@ -528,7 +561,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             while sent < length:
                 if cut is not None and sent >= cut:
                     self._hard_close(reset)
-                    return
+                    return sent
                 with hub._lock:
                     rate = hub._throttle
                 size = min(_CHUNK, length - sent)
@@ -539,7 +572,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 chunk = source.read(size)
                 if not chunk:  # the file on disk shrank under us
                     self._hard_close(reset=False)
-                    return
+                    return sent
                 if corrupt:
                     chunk = chunk.translate(_FLIP)
                 with hub._lock:  # counted before the write: a client may see the bytes before we return
@@ -550,10 +583,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     with hub._lock:
                         hub._body_bytes_sent -= len(chunk)
                     self.close_connection = True
-                    return
+                    return sent
                 sent += len(chunk)
                 if rate:
                     time.sleep(len(chunk) / rate)
+        return sent
 
     def _hard_close(self, reset: bool) -> None:
         """End the connection mid-body, no more bytes: FIN now, or RST when the handler closes the socket."""

@@ -7,7 +7,9 @@ the text is gibberish, but deterministic for a given seed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +164,17 @@ def _write(
     kv: dict[str, tuple[Any, ...]],
     extra_kv: Mapping[str, Any] | None,
     tensors: dict[str, np.ndarray[Any, Any]],
+    drop_tensors: Iterable[str] = (),
+    extra_tensors: Mapping[str, np.ndarray[Any, Any]] | None = None,
 ) -> Path:
-    """Write the file. extra_kv overrides defaults; a value of None removes the key."""
+    """Write the file. extra_kv overrides defaults; a value of None removes the key.
+
+    drop_tensors leaves those tensors out and extra_tensors adds (or replaces) some: for files that are
+    well-formed but do not match their own hyperparameters.
+    """
+    for name in drop_tensors:
+        del tensors[name]
+    tensors |= dict(extra_tensors or {})
     for key, value in (extra_kv or {}).items():
         if value is None:
             kv.pop(key, None)
@@ -194,6 +205,8 @@ def make_gpt2(
     extra_kv: Mapping[str, Any] | None = None,
     name: str = "tiny-gpt2",
     seed: int = 0,
+    drop_tensors: Iterable[str] = (),
+    extra_tensors: Mapping[str, np.ndarray[Any, Any]] | None = None,
 ) -> Path:
     """A GPT-2 architecture model (learned positions, LayerNorm with biases, fused QKV, tied output)."""
     n_ff = 4 * n_embd
@@ -233,7 +246,7 @@ def make_gpt2(
             f"blk.{i}.ffn_down.weight": w.matrix(n_embd, n_ff),
             f"blk.{i}.ffn_down.bias": w.zeros(n_embd),
         }
-    return _write(path, "gpt2", kv, extra_kv, tensors)
+    return _write(path, "gpt2", kv, extra_kv, tensors, drop_tensors, extra_tensors)
 
 
 def make_llama(
@@ -248,8 +261,13 @@ def make_llama(
     extra_kv: Mapping[str, Any] | None = None,
     name: str = "tiny-llama",
     seed: int = 0,
+    drop_tensors: Iterable[str] = (),
+    extra_tensors: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    extra_specials: Iterable[str] = (),
 ) -> Path:
     """A llama architecture model (RMSNorm, RoPE, SwiGLU, GQA when n_head_kv < n_head, tied output).
+
+    extra_specials adds more control tokens after ChatML's (e.g. a custom end-of-turn marker).
 
     Its vocabulary adds ChatML's <|im_start|> and <|im_end|> as control tokens, so a ChatML
     chat_template (CHATML_TEMPLATE) works with it.
@@ -266,7 +284,7 @@ def make_llama(
         n_ff=n_ff,
         n_layer=n_layer,
         n_head=n_head,
-        specials=[ENDOFTEXT, IM_START, IM_END],
+        specials=[ENDOFTEXT, IM_START, IM_END, *extra_specials],
         pre="llama-bpe",
         chat_template=chat_template,
     )
@@ -297,7 +315,7 @@ def make_llama(
             f"blk.{i}.ffn_up.weight": w.matrix(n_ff, n_embd),
             f"blk.{i}.ffn_down.weight": w.matrix(n_embd, n_ff),
         }
-    return _write(path, "llama", kv, extra_kv, tensors)
+    return _write(path, "llama", kv, extra_kv, tensors, drop_tensors, extra_tensors)
 
 
 def make_garbage(path: str | Path, nbytes: int, *, seed: int = 0) -> Path:
@@ -322,3 +340,127 @@ def tensor_param_count(path: str | Path) -> int:
     """Sum of element counts of a GGUF's tensors, via the gguf package (the reference reader)."""
     reader = gguf.GGUFReader(path)
     return sum(int(t.n_elements) for t in reader.tensors)
+
+
+def vocab(*, llama: bool = True) -> list[str]:
+    """The token strings make_llama (or, with llama=False, make_gpt2) writes."""
+    return make_vocab([ENDOFTEXT, IM_START, IM_END] if llama else [ENDOFTEXT])[0]
+
+
+def set_tensor_dims(path: str | Path, name: str, dims: tuple[int, ...]) -> Path:
+    """Rewrite one tensor's dimensions in place (same number of dims), growing the file to hold its data.
+
+    The growth is a sparse hole: a "1 TB" tensor costs no disk, so a test can make a model whose load
+    would need absurd memory. Give the tensor that lies last in the data section, or others will overlap.
+    """
+    path = Path(path)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+    block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    start = int(tensor.data_offset)  # absolute
+    raw = name.encode()
+    with open(path, "r+b") as f:
+        head = f.read(start)
+        at = head.find(struct.pack("<Q", len(raw)) + raw)
+        pos = at + 8 + len(raw)
+        (n_dims,) = struct.unpack_from("<I", head, pos)
+        if n_dims != len(dims):
+            raise ValueError(f"{name} has {n_dims} dims, not {len(dims)}")
+        f.seek(pos + 4)
+        f.write(b"".join(struct.pack("<Q", d) for d in dims))
+    n_elements = 1
+    for d in dims:
+        n_elements *= d
+    os.truncate(path, max(path.stat().st_size, start + n_elements // block * type_size))
+    return path
+
+
+def make_big_llama(
+    path: str | Path,
+    tensor_type: str,
+    *,
+    n_embd: int = 2048,
+    n_layer: int = 16,
+    n_ff: int = 5632,
+    n_head: int = 16,
+    n_head_kv: int = 4,
+    n_ctx: int = 4096,
+    chat_template: str | None = CHATML_TEMPLATE,
+    parts: int = 1,
+    extra_kv: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """A real-sized llama GGUF (~0.4-1.5 GB at the defaults) whose tensor data is a sparse hole of zeros.
+
+    The header is complete and consistent (a reader or llama.cpp's loader sees a 0.7B model of `tensor_type`
+    weights); the data costs no disk, so a test can serve "1 GB-class" files. With parts > 1 the tensors are
+    spread over `{stem}-0000i-of-0000N.gguf` files carrying gguf-split's split.* keys, metadata in the first.
+    """
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    head_dim = n_embd // n_head
+    kv, tokens = _common_kv("llama", name="big-llama", n_ctx=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer,
+                            n_head=n_head, specials=[ENDOFTEXT, IM_START, IM_END], pre="llama-bpe",
+                            chat_template=chat_template)
+    kv |= {
+        "general.file_type": ({"F16": 1, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}[tensor_type], _VT.UINT32),
+        "llama.attention.head_count_kv": (n_head_kv, _VT.UINT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, _VT.FLOAT32),
+        "llama.rope.dimension_count": (head_dim, _VT.UINT32),
+        "llama.vocab_size": (len(tokens), _VT.UINT32),
+        "tokenizer.ggml.eos_token_id": (tokens.index(IM_END), _VT.UINT32),
+        "tokenizer.ggml.eot_token_id": (tokens.index(IM_END), _VT.UINT32),
+    }
+    for key, value in (extra_kv or {}).items():
+        if value is None:
+            kv.pop(key, None)
+        else:
+            kv[key] = _infer(value)
+    # (name, numpy-order shape, ggml type): matrices in tensor_type, norms F32.
+    infos: list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = [
+        ("token_embd.weight", (len(tokens), n_embd), gguf.GGMLQuantizationType.F16),
+        ("output_norm.weight", (n_embd,), gguf.GGMLQuantizationType.F32),
+    ]
+    for i in range(n_layer):
+        infos += [
+            (f"blk.{i}.attn_norm.weight", (n_embd,), gguf.GGMLQuantizationType.F32),
+            (f"blk.{i}.attn_q.weight", (n_head * head_dim, n_embd), qtype),
+            (f"blk.{i}.attn_k.weight", (n_head_kv * head_dim, n_embd), qtype),
+            (f"blk.{i}.attn_v.weight", (n_head_kv * head_dim, n_embd), qtype),
+            (f"blk.{i}.attn_output.weight", (n_embd, n_head * head_dim), qtype),
+            (f"blk.{i}.ffn_norm.weight", (n_embd,), gguf.GGMLQuantizationType.F32),
+            (f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), qtype),
+            (f"blk.{i}.ffn_up.weight", (n_ff, n_embd), qtype),
+            (f"blk.{i}.ffn_down.weight", (n_embd, n_ff), qtype),
+        ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if parts == 1:
+        targets = [path]
+    else:
+        stem = path.name.removesuffix(".gguf")
+        targets = [path.with_name(f"{stem}-{i + 1:05d}-of-{parts:05d}.gguf") for i in range(parts)]
+    share = -(-len(infos) // parts)
+    for index, target in enumerate(targets):
+        mine = infos[index * share:(index + 1) * share]
+        writer = gguf.GGUFWriter(target, "llama")
+        if index == 0:
+            for key, (value, vtype, *sub) in kv.items():
+                writer.add_key_value(key, value, vtype, sub[0] if sub else None)
+        if parts > 1:
+            writer.add_key_value("split.no", index, _VT.UINT16)
+            writer.add_key_value("split.count", parts, _VT.UINT16)
+            writer.add_key_value("split.tensors.count", len(infos), _VT.INT32)
+        data = 0
+        for name, shape, ttype in mine:
+            block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+            n = 1
+            for d in shape:
+                n *= d
+            nbytes = n // block * type_size
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=ttype)
+            data += -(-nbytes // 32) * 32
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = target.stat().st_size
+        os.truncate(target, -(-header // 32) * 32 + data)  # the data section: a sparse hole
+    return targets

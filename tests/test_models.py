@@ -245,7 +245,8 @@ def test_help_lists_the_commands_and_imports_nothing_heavy() -> None:
         assert f"  {command} " in out
 
 
-@pytest.mark.parametrize("command", [["list"], ["list", "--available"], ["show", "gpt2"]])
+# `show gpt2` of a model not downloaded asks the Hub (tests/test_show_remote.py): --template stays local.
+@pytest.mark.parametrize("command", [["list"], ["list", "--available"], ["show", "gpt2", "--template"]])
 def test_list_and_show_import_neither_llama_cpp_nor_huggingface_hub(command: list[str]) -> None:
     code = (
         "import sys\n"

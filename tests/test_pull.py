@@ -189,8 +189,9 @@ def test_corrupted_bytes_are_rejected_and_leave_no_usable_model(chatcli, hub, ho
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
     assert blobs(home) == []  # neither a blob nor a partial file
     assert listed(chatcli) == []
-    run = chatcli("show", "tiny")
-    assert run.returncode == 1 and "chatcli pull tiny" in run.stderr
+    run = chatcli("show", "tiny")  # described from the Hub's headers (the corrupted file is refused), not local
+    assert run.returncode == 0 and "not downloaded (`chatcli pull tiny`" in run.stderr
+    assert "refused: test/tiny-GGUF/tiny.Q8_0.gguf: not a GGUF file" in run.stderr
 
 
 def test_repo_not_found(chatcli, hub) -> None:
