@@ -161,6 +161,11 @@ class Engine(Protocol):
     def load_state(self, path: Path) -> list[int]: ...
     def reset(self) -> None: ...
     def truncate(self, n_tokens: int) -> None: ...
+    def state_file_bytes(self, keep: Sequence[int] | None = None,
+                         min_tokens: int = 0) -> tuple[list[int], bytearray] | None: ...
+    def claim_state(self) -> None: ...
+    def release_state(self) -> None: ...
+    def wait_state(self) -> None: ...
 
 
 @runtime_checkable
@@ -514,6 +519,7 @@ class LlamaEngine:
         from chatcli.gguf_info import read_gguf
 
         self.path = Path(path)
+        self._claim = threading.Lock()  # held while another thread copies the context's state (snapshots)
         known = header_cache.lookup(self.path)  # this very file passed every value check before
         info = known or read_gguf(self.path)  # bounds-checked: a hostile header never reaches llama.cpp
         if info.split and info.split[0] != 0:
@@ -600,7 +606,7 @@ class LlamaEngine:
         result = GenerationResult(prompt_tokens=len(prompt))
         return Generation(self._run(prompt, options, result), result)
 
-    def _grammar(self, source: str | None):  # type: ignore[no-untyped-def]
+    def _grammar(self, source: str | None):  # noqa: ANN202 - a LlamaGrammar, or None
         """A LlamaGrammar, checked first: llama.cpp's sampler crashes on a grammar that does not parse."""
         if source is None:
             return None
@@ -707,25 +713,16 @@ class LlamaEngine:
         """The tokens whose keys and values are in the context now (what a snapshot would hold)."""
         return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
 
-    def _state_claim(self):  # noqa: ANN202
-        claim = self.__dict__.get("_claim")
-        if claim is None:
-            import threading
-
-            claim = self.__dict__.setdefault("_claim", threading.Lock())
-        return claim
-
     def claim_state(self) -> None:
         """Reserve the context for a snapshot that another thread takes; it calls release_state when done."""
-        self._state_claim().acquire()
+        self._claim.acquire()
 
     def release_state(self) -> None:
-        self._state_claim().release()
+        self._claim.release()
 
     def wait_state(self) -> None:
         """Return once no snapshot is being taken of the context (at once when none is)."""
-        claim = self._state_claim()
-        with claim:
+        with self._claim:
             pass
 
     def state_file_bytes(self, keep: Sequence[int] | None = None,

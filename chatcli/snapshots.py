@@ -27,10 +27,13 @@ import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from chatcli import paths
 from chatcli.errors import ChatcliError, UsageError
+
+if TYPE_CHECKING:
+    from chatcli.engine import Engine
 
 MIN_TOKENS = 32  # shorter prefixes prefill about as fast as a file is read
 MIN_SAVING = 0.20  # keep the compressed form only when it is at least this much smaller
@@ -39,22 +42,6 @@ STALE_SECONDS = 3600  # temp files and orphaned states this old were left by a p
 CHUNK = 1 << 20
 FORMAT = 1
 TMP = ".tmp-"
-
-
-class StatefulEngine(Protocol):
-    n_ctx: int
-
-    @property
-    def cached_tokens(self) -> list[int]: ...
-    def save_state(self, path: Path) -> int: ...
-    def load_state(self, path: Path) -> list[int]: ...
-    def reset(self) -> None: ...
-    def truncate(self, n_tokens: int) -> None: ...
-    def state_file_bytes(self, keep: Sequence[int] | None = None,
-                         min_tokens: int = 0) -> tuple[list[int], bytearray] | None: ...
-    def claim_state(self) -> None: ...
-    def release_state(self) -> None: ...
-    def wait_state(self) -> None: ...
 
 
 class _Damaged(Exception):
@@ -120,9 +107,9 @@ def _store(data: bytes | bytearray | memoryview, out: BinaryIO) -> tuple[bool, s
     out.truncate()
     raw_hash = hashlib.sha256()
     for offset in range(0, raw_size, CHUNK):  # hash and write in step: each chunk is read from memory once more
-        piece = view[offset:offset + CHUNK]
-        raw_hash.update(piece)
-        out.write(piece)
+        chunk = view[offset:offset + CHUNK]
+        raw_hash.update(chunk)
+        out.write(chunk)
     return False, raw_hash.hexdigest(), raw_size, raw_size
 
 
@@ -162,7 +149,7 @@ class SnapshotStore:
         self._newest: dict[str, int] = {}  # conversation tag -> number of its newest capture
         self._lock = threading.Lock()
 
-    def save_prefix(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str,
+    def save_prefix(self, engine: Engine, tokens: Sequence[int], *, model_id: str,
                     margin: int = 0) -> Path | None:
         """Best effort: keep only what the context shares with `tokens` (less `margin`), then save it.
 
@@ -183,7 +170,7 @@ class SnapshotStore:
         except ChatcliError:
             return None
 
-    def save(self, engine: StatefulEngine, *, model_id: str, conversation_id: str | None = None) -> Path | None:
+    def save(self, engine: Engine, *, model_id: str, conversation_id: str | None = None) -> Path | None:
         """Snapshot the engine's cached tokens; returns the state file, or None when not worth keeping."""
         self.wait_captured(engine)
         if len(engine.cached_tokens) < MIN_TOKENS:
@@ -195,7 +182,7 @@ class SnapshotStore:
         return self._write(tokens, data, model_id=model_id, n_ctx=engine.n_ctx, flash_attn=_flash(engine),
                            conversation_id=conversation_id)
 
-    def save_later(self, engine: StatefulEngine, keep: Callable[[], Sequence[int] | None], *, model_id: str,
+    def save_later(self, engine: Engine, keep: Callable[[], Sequence[int] | None], *, model_id: str,
                    conversation_id: str | None) -> None:
         """Snapshot a conversation in the background, as save_prefix would; returns at once.
 
@@ -238,7 +225,7 @@ class SnapshotStore:
             engine.release_state()
             raise
 
-    def wait_captured(self, engine: StatefulEngine) -> None:
+    def wait_captured(self, engine: Engine) -> None:
         """Return once no background save is copying this engine's context (before anything changes it)."""
         wait = getattr(engine, "wait_state", None)
         if wait is not None:
@@ -330,7 +317,7 @@ class SnapshotStore:
                 if old.stem != stem:
                     self._remove(old.stem)
 
-    def restore(self, engine: StatefulEngine, tokens: Sequence[int], *, model_id: str) -> int:
+    def restore(self, engine: Engine, tokens: Sequence[int], *, model_id: str) -> int:
         """Load the snapshot holding the longest prefix of `tokens`; returns its token count, 0 if none fits.
 
         Does nothing (returns 0) when the engine's live cache already shares as long a prefix. A snapshot
@@ -383,7 +370,7 @@ class SnapshotStore:
             found += [(n, stem) for stem in sorted(named[n]) if stem == prefix or stem.startswith(prefix + "-")]
         return found[::-1]
 
-    def _load(self, engine: StatefulEngine, stem: str, tokens: list[int], model_id: str) -> bool:
+    def _load(self, engine: Engine, stem: str, tokens: list[int], model_id: str) -> bool:
         meta_path, state = self.root / f"{stem}.json", self.root / f"{stem}.state"
         inflated = self.root / f"{TMP}{os.getpid()}-{uuid.uuid4().hex}.raw"
         touched = False

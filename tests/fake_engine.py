@@ -7,6 +7,7 @@ its "KV cache" is the list of tokens it has read, and a state file holds those t
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class FakeEngine:
     prompts: list[str] = field(default_factory=list)  # every prompt it was asked to continue, as text
     chunk_hook: object = None  # called after each chunk (tests raise KeyboardInterrupt from it)
     cache: list[int] = field(default_factory=list)  # the tokens "in the KV cache"
+    _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return [ord(c) for c in text]
@@ -100,6 +102,30 @@ class FakeEngine:
 
     def truncate(self, n_tokens: int) -> None:
         del self.cache[n_tokens:]
+
+    def state_file_bytes(self, keep: Sequence[int] | None = None,
+                         min_tokens: int = 0) -> tuple[list[int], bytearray] | None:
+        tokens = list(self.cache)
+        if keep is not None:
+            common = next((i for i, (a, b) in enumerate(zip(tokens, keep, strict=False)) if a != b),
+                          min(len(tokens), len(keep)))
+            if common < max(1, min_tokens):
+                return None
+            self.truncate(common)
+            tokens = tokens[:common]
+        if len(tokens) < max(1, min_tokens):
+            return None
+        return tokens, bytearray(json.dumps({"tokens": tokens}).encode())
+
+    def claim_state(self) -> None:
+        self._claim.acquire()
+
+    def release_state(self) -> None:
+        self._claim.release()
+
+    def wait_state(self) -> None:
+        with self._claim:
+            pass
 
 
 def _check(engine: FakeEngine) -> Engine:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 
 @cache
@@ -93,8 +94,8 @@ class DownloadBar:
     """A rich progress bar on stderr (bytes, speed, ETA); silent when stderr is not a terminal."""
 
     def __init__(self) -> None:
-        self._progress = None
-        self._task = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def start(self, name: str, total: int, done: int) -> None:
         if not stderr_is_tty():

@@ -107,7 +107,7 @@ def history_show(conversation_id: str) -> None:
 def history_export(conversation_id: str, fmt: str) -> None:
     """Write a conversation to stdout as Markdown or JSON."""
     with _history() as store:
-        click.echo(store.export(conversation_id, fmt))  # type: ignore[arg-type]
+        click.echo(store.export(conversation_id, fmt))
 
 
 @history_group.command("rm")
