@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-PROMPT = "Write a long story about a lighthouse keeper and a storm."
+PROMPT = "Once upon a time, in a lighthouse by the sea, there lived"
 
 
 def _command(model: Path, n_tokens: int, threads: int | None) -> list[str]:
