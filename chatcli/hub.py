@@ -432,7 +432,16 @@ def pull(
     """Download (or resume) the model a reference names; instant when it is already present and verified."""
     if ref.kind == "local":
         raise UsageError(f"{ref.local_path} is a local file: nothing to pull, use it directly")
-    assert ref.repo is not None
+    if ref.kind == "store":
+        from chatcli.stores import TOOLS
+
+        tool = TOOLS.get(str(ref.store), str(ref.store))
+        raise UsageError(f"{ref.display} belongs to {tool}: chatcli uses it in place, nothing to pull "
+                         f"(update it with {tool} itself)")
+    if ref.kind == "remote":
+        raise UsageError(f"{ref.display} runs on a remote endpoint: nothing to pull")
+    if ref.repo is None:
+        raise UsageError(f"{ref.display} names no Hub repository: nothing to pull")
     present = locate(ref, revision)
     if present is not None and not refresh and present.sha256 and all(p.exists() for p in present.parts):
         blob = present.path.resolve()

@@ -261,6 +261,13 @@ def test_rm_never_deletes_another_tools_files(chatcli, four_stores: dict[str, Pa
         assert path.is_file()
 
 
+def test_pull_of_another_tools_model_is_a_usage_error(chatcli, four_stores: dict[str, Path]) -> None:
+    result = chatcli("pull", "ollama:tiny")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ollama:tiny:latest belongs to ollama: chatcli uses it in place, nothing to pull")
+
+
 def test_show_reads_a_store_models_header(chatcli, four_stores: dict[str, Path]) -> None:
     result = chatcli("show", "ollama:tiny", "--json")
     assert result.returncode == 0, result.stderr
