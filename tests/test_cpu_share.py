@@ -19,14 +19,15 @@ def test_share_is_an_even_split_of_at_least_one() -> None:
 
 
 def test_engines_see_each_other_only_while_generating(tmp_path: Path) -> None:
-    first, second = CoreShare(4, tmp_path), CoreShare(4, tmp_path)
+    folder = tmp_path / "generating"
+    first, second = CoreShare(4, folder), CoreShare(4, folder)
     with first.generating():
         assert first.threads(force=True) == 4  # alone
         with second.generating():
             assert first.others() == 1 and second.others() == 1
             assert first.threads(force=True) == 2 and second.threads(force=True) == 2
         assert first.threads(force=True) == 4  # the other finished
-    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    assert list(folder.iterdir()) == []  # nothing left behind
 
 
 def test_a_dead_engines_file_is_not_counted_and_is_removed(tmp_path: Path) -> None:
