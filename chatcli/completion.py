@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
-from chatcli.engine import GenerationResult, LlamaEngine, SamplingOptions
+from chatcli.engine import SETTINGS, Engine, Generation, GenerationResult, SamplingOptions, TextEngine
 from chatcli.errors import OutputClosed, UsageError
 from chatcli.registry import ModelRef
 
-DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+# The built-in values of the settings that have one (max_tokens and seed default to none).
+DEFAULTS: dict[str, object] = {f.name: f.default for f in SETTINGS if f.default is not None}
 
 
 def join_prompt(text: str | None, stdin_text: str | None, *, allow_empty: bool = False) -> str:
@@ -28,14 +29,24 @@ def join_prompt(text: str | None, stdin_text: str | None, *, allow_empty: bool =
     return "\n\n".join(p.rstrip("\n") if i < len(parts) - 1 else p for i, p in enumerate(parts))
 
 
-def sampling_options(*, defaults: dict[str, float] | None = None, **given: object) -> SamplingOptions:
-    """Options given on the command line, else the model's catalogue defaults, else ours; validated."""
-    merged: dict[str, object] = {**DEFAULTS, **(defaults or {})}
+def reply_reserve(n_ctx: int, options: SamplingOptions) -> int:
+    """Tokens of the context kept for the reply: the prompt may use the rest."""
+    return min(options.max_tokens or 256, n_ctx // 4) or 1
+
+
+def sampling_options(*layers: dict[str, object] | None, **given: object) -> SamplingOptions:
+    """Options given on the command line (None: not given) over `layers` (later wins) over DEFAULTS; validated.
+
+    The layers are the defaults below the flags, lowest first: the catalogue's for the model, a prompt template's.
+    """
+    merged: dict[str, object] = dict(DEFAULTS)
+    for layer in layers:
+        merged.update(layer or {})
     merged.update({k: v for k, v in given.items() if v is not None})
-    merged["stop"] = tuple(merged.get("stop") or ())
-    for key in ("top_k", "max_tokens", "seed"):
-        if merged.get(key) is not None:
-            merged[key] = int(merged[key])  # type: ignore[call-overload]
+    merged["stop"] = tuple(merged.get("stop") or ())  # type: ignore[arg-type]
+    for f in SETTINGS:
+        if merged.get(f.name) is not None:
+            merged[f.name] = f.metadata["kind"](merged[f.name])
     return SamplingOptions(**merged).validate()  # type: ignore[arg-type]
 
 
@@ -49,6 +60,7 @@ class CompletionRequest:
     truncate: bool = False
     cache: bool = False  # restore / save the prompt's llama.cpp state (snapshots)
     cache_prefix: str | None = None  # the part of the prompt that repeats (piped stdin): what the snapshot keeps
+    json_schema: dict[str, Any] | None = None  # --json-schema for a remote engine (sent as response_format)
 
 
 @dataclass
@@ -81,7 +93,7 @@ def _summary(ref: ModelRef, result: GenerationResult, load_seconds: float) -> di
     }
 
 
-def render_prompt(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest,
+def render_prompt(engine: Engine, ref: ModelRef, request: CompletionRequest,
                   warn: Callable[[str], None]) -> tuple[str, tuple[str, ...]]:
     """The text the model reads, and the stop strings the chat template adds."""
     if not request.chat:
@@ -97,17 +109,24 @@ def render_prompt(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest
     return fmt.render(messages, add_generation_prompt=True), fmt.stop
 
 
-def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Output) -> GenerationResult:
-    from chatcli.prompting import prompt_tokens
+def run(engine: Engine | TextEngine, ref: ModelRef, request: CompletionRequest, out: Output) -> GenerationResult:
+    local: Engine | None = None
+    tokens: list[int] = []
+    snapshots, restored = None, 0
+    if isinstance(engine, TextEngine):  # the server renders, tokenizes and fits: it gets the text or messages
+        generation = _remote_generation(engine, request, out.warn)
+    else:
+        from chatcli.prompting import prompt_tokens
 
-    text, template_stops = render_prompt(engine, ref, request, out.warn)
-    options = request.options
-    if template_stops:
-        options = SamplingOptions(**{**options.__dict__, "stop": tuple(options.stop) + template_stops})
-    reserve = min(options.max_tokens or 256, engine.n_ctx // 4) or 1
-    tokens = prompt_tokens(engine, text, reserve=reserve, truncate=request.truncate)
-    snapshots, restored = _restore(engine, tokens) if request.cache else (None, 0)
-    generation = engine.generate(tokens, options)
+        local = engine
+        text, template_stops = render_prompt(local, ref, request, out.warn)
+        options = request.options
+        if template_stops:
+            options = SamplingOptions(**{**options.__dict__, "stop": tuple(options.stop) + template_stops})
+        reserve = reply_reserve(local.n_ctx, options)
+        tokens = prompt_tokens(local, text, reserve=reserve, truncate=request.truncate)
+        snapshots, restored = _restore(local, tokens) if request.cache else (None, 0)
+        generation = local.generate(tokens, options)
     result = generation.result
     result.prompt_cached_tokens = restored
     if out.echo and out.mode == "text":
@@ -124,20 +143,34 @@ def run(engine: LlamaEngine, ref: ModelRef, request: CompletionRequest, out: Out
         raise
     finally:
         generation.close()  # stop generating at once, e.g. when the reader went away
-    if snapshots is not None:
-        _save(engine, snapshots, tokens, request)
+    if snapshots is not None and local is not None:
+        _save(local, snapshots, tokens, request)
     _finish(out, ref, result, engine, request.prompt)
     return result
 
 
-def _restore(engine: LlamaEngine, tokens: list[int]):  # noqa: ANN202
+def _remote_generation(engine: TextEngine, request: CompletionRequest, warn: Callable[[str], None]) -> Generation:
+    """`complete` sends the raw prompt to /v1/completions; `--chat` sends messages to /v1/chat/completions."""
+    for given, flag in ((request.truncate, "--truncate"), (request.cache, "--cache"),
+                        (request.chat and request.template, "--chat-template")):
+        if given:
+            warn(f"{flag} does not apply to a remote model (the server tokenizes, fits and templates): ignored")
+    if not request.chat:
+        return engine.complete_text(request.prompt, request.options, json_schema=request.json_schema)
+    messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
+        {"role": "user", "content": request.prompt}
+    ]
+    return engine.chat(messages, request.options, json_schema=request.json_schema)
+
+
+def _restore(engine: Engine, tokens: list[int]):  # noqa: ANN202
     from chatcli.snapshots import SnapshotStore, model_identity
 
     store = SnapshotStore()
     return store, store.restore(engine, tokens, model_id=model_identity(engine.path))
 
 
-def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequest) -> None:  # noqa: ANN001
+def _save(engine: Engine, store, tokens: list[int], request: CompletionRequest) -> None:  # noqa: ANN001
     """Snapshot the prompt's state: only its repeating part (stdin) when there is one, so the next question hits."""
     from chatcli.snapshots import model_identity
 
@@ -150,8 +183,8 @@ def _save(engine: LlamaEngine, store, tokens: list[int], request: CompletionRequ
     store.save_prefix(engine, target, model_id=model_identity(engine.path), margin=margin)
 
 
-def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: LlamaEngine, prompt: str) -> None:
-    summary = _summary(ref, result, getattr(engine, "load_seconds", 0.0))
+def _finish(out: Output, ref: ModelRef, result: GenerationResult, engine: Engine | TextEngine, prompt: str) -> None:
+    summary = _summary(ref, result, engine.load_seconds)
     if out.mode == "json":
         if out.echo:
             summary = {"prompt": prompt, **summary}

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatcli.chat_templates import ChatFormat
-from chatcli.engine import Engine, GenerationResult, SamplingOptions
+from chatcli.engine import SETTINGS, Engine, Generation, GenerationResult, SamplingOptions, TextEngine
 from chatcli.errors import ChatcliError, ContextOverflowError, UsageError
 
 Message = dict[str, str]
-SETTING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
-_INT_SETTINGS = {"top_k", "max_tokens", "seed"}
+SETTING_NAMES = tuple(f.name for f in SETTINGS)
+_INT_SETTINGS = {f.name for f in SETTINGS if f.metadata["kind"] is int}
+# A model with no chat template of its own (a built-in chosen by fallback) is often a base model that
+# never ends its turn: its replies stop here unless max_tokens is set.
+BASE_MODEL_REPLY_CAP = 256
 SAVE_EVERY = 0.5  # seconds between history updates of a streaming reply
 
 
@@ -33,7 +36,8 @@ def parse_setting(name: str, raw: str) -> int | float | None:
     except ValueError:
         kind = "a whole number" if name in _INT_SETTINGS else "a number"
         raise UsageError(f"{name} must be {kind}, got {raw!r}") from None
-    replace(SamplingOptions(), **{name: value}).validate()
+    checked: dict[str, Any] = {name: value}
+    replace(SamplingOptions(), **checked).validate()  # InvalidSetting names the field
     return value
 
 
@@ -52,12 +56,16 @@ class Reply:
 
 @dataclass
 class ChatSession:
-    engine: Engine
+    engine: Engine | TextEngine  # a TextEngine (remote) gets messages: the server templates, tokenizes and fits
     fmt: ChatFormat
     model_label: str
     history: Any = None  # chatcli.history.History, or None for no persistence
     system: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the user's (/set, a template's): stored per conversation
+    # Given when the session started (command-line flags): they win over a loaded conversation's settings.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # The model's own defaults, below the settings: its catalogue options, a reply cap for a base model.
+    model_defaults: dict[str, Any] = field(default_factory=dict)
     conversation_id: str | None = None
     snapshots: Any = None  # chatcli.snapshots.SnapshotStore, or None
     model_id: str = ""
@@ -67,6 +75,7 @@ class ChatSession:
     interrupted: set[int] = field(default_factory=set)  # indexes of replies cut short
     _reset_cache: bool = True
     _usage: tuple[tuple[Any, ...], tuple[int, int]] | None = None  # (what it was computed for, the answer)
+    _last_remote: GenerationResult | None = None  # a remote engine's last reply: its usage is the context used
 
     # -------------------------------------------------------- conversation state
 
@@ -75,7 +84,7 @@ class ChatSession:
         conversation = self.history.get(conversation_id)
         self.conversation_id = conversation.id
         self.system = conversation.system
-        self.settings = {**self.settings, **(conversation.settings or {})}
+        self.settings = {**self.settings, **(conversation.settings or {}), **self.overrides}
         self.messages, self.interrupted = [], set()
         for turn in self.history.turns(conversation.id):
             if turn.role in ("user", "assistant"):
@@ -102,8 +111,10 @@ class ChatSession:
             self.settings[name] = value
         return value
 
-    def switch_model(self, engine: Engine, fmt: ChatFormat, label: str, model_id: str) -> None:
+    def switch_model(self, engine: Engine, fmt: ChatFormat, label: str, model_id: str,
+                     model_defaults: dict[str, Any] | None = None) -> None:
         self.engine, self.fmt, self.model_label, self.model_id = engine, fmt, label, model_id
+        self.model_defaults = dict(model_defaults or {})
         if self.conversation_id and self.history is not None:
             self.history.set_model(self.conversation_id, label)
         self._reset_cache = True
@@ -120,7 +131,8 @@ class ChatSession:
         return True
 
     def options(self, extra_stop: tuple[str, ...] = ()) -> SamplingOptions:
-        values = {k: v for k, v in self.settings.items() if k in SETTING_NAMES}
+        """The settings over the model's defaults over the built-in ones."""
+        values = {k: v for k, v in {**self.model_defaults, **self.settings}.items() if k in SETTING_NAMES}
         return replace(SamplingOptions(), **values, stop=tuple(self.fmt.stop) + extra_stop).validate()
 
     # -------------------------------------------------------- prompts and context
@@ -128,16 +140,22 @@ class ChatSession:
     def _all_messages(self, turns: list[Message]) -> list[Message]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + turns
 
+    def _local(self) -> Engine:
+        if isinstance(self.engine, TextEngine):
+            raise UsageError(f"{self.model_label} is a remote model: the server tokenizes, chatcli cannot count here")
+        return self.engine
+
     def tokens_for(self, turns: list[Message]) -> list[int]:
         from chatcli.prompting import prompt_tokens
 
         text = self.fmt.render(self._all_messages(turns), add_generation_prompt=True)
-        return prompt_tokens(self.engine, text, reserve=1, truncate=False)  # type: ignore[arg-type]
+        return prompt_tokens(self._local(), text, reserve=1, truncate=False)
 
     def fit(self) -> tuple[list[int], int]:
         """Prompt tokens for the conversation, dropping the oldest turns (never the system prompt) to fit."""
-        reserve = min(int(self.settings.get("max_tokens") or 512), self.engine.n_ctx // 4)
-        budget = self.engine.n_ctx - max(1, reserve)
+        engine = self._local()
+        reserve = min(int(self.options().max_tokens or 512), engine.n_ctx // 4)
+        budget = engine.n_ctx - max(1, reserve)
         turns = list(self.messages)
         dropped = 0
         while True:
@@ -148,10 +166,10 @@ class ChatSession:
             if tokens is not None and len(tokens) <= budget:
                 return tokens, dropped
             # drop the oldest exchange: a user turn and the replies up to the next user turn
-            nxt = next((i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"), None)
+            nxt = _next_exchange(turns)
             if nxt is None:
                 raise ContextOverflowError(
-                    f"your message does not fit in the context window ({self.engine.n_ctx} tokens): "
+                    f"your message does not fit in the context window ({engine.n_ctx} tokens): "
                     "shorten it, or start the chat with a larger --ctx-size"
                 )
             turns = turns[nxt:]
@@ -163,8 +181,12 @@ class ChatSession:
         The REPL's toolbar asks on every redraw (each key press): render and tokenise only when the
         conversation, system prompt, settings or model changed since the last answer.
         """
+        if isinstance(self.engine, TextEngine):  # what the server counted for the last reply
+            last = self._last_remote
+            return ((last.prompt_tokens + last.completion_tokens) if last and self.messages else 0,
+                    self.engine.n_ctx or 0)
         key = (id(self.engine), self.fmt, self.system, self.conversation_id, len(self.messages),
-               self.messages[-1]["content"] if self.messages else None, self.settings.get("max_tokens"))
+               self.messages[-1]["content"] if self.messages else None, self.options().max_tokens)
         if self._usage is not None and self._usage[0] == key:
             return self._usage[1]
         if not self.messages and not self.system:
@@ -188,14 +210,14 @@ class ChatSession:
             text = self.transform(text)
         self.messages.append({"role": "user", "content": text})
         try:
-            tokens, dropped = self.fit()
-        except ContextOverflowError:
+            reply = self._begin()
+        except ChatcliError:  # nothing was generated (too long, a server that refused): the message is not kept
             self.messages.pop()
             raise
         self._ensure_conversation()
         if self.history is not None:
             self.history.add_turn(self.conversation_id, "user", text, model=self.model_label)
-        return self._reply(tokens, dropped)
+        return reply
 
     def retry(self) -> Reply:
         """Regenerate the last reply."""
@@ -205,8 +227,7 @@ class ChatSession:
         self.interrupted.discard(len(self.messages))
         if self.conversation_id and self.history is not None:
             self.history.drop_last_reply(self.conversation_id)
-        tokens, dropped = self.fit()
-        return self._reply(tokens, dropped)
+        return self._begin()
 
     def _ensure_conversation(self) -> None:
         if self.history is None or self.conversation_id:
@@ -217,17 +238,42 @@ class ChatSession:
         self.conversation_id = conversation.id
 
     def _restore(self, tokens: list[int]) -> int:
-        if self.snapshots is None or not self._reset_cache:
+        if self.snapshots is None:
+            return 0
+        self.snapshots.wait_captured(self.engine)  # a snapshot still copying the context goes first
+        if not self._reset_cache:
             return 0
         self._reset_cache = False
+        self.snapshots.flush()  # e.g. /load of the conversation whose snapshot is being written
         return int(self.snapshots.restore(self.engine, tokens, model_id=self.model_id))
 
-    def _reply(self, tokens: list[int], dropped: int) -> Reply:
-        restored = self._restore(tokens)
-        generation = self.engine.generate(tokens, self.options())
-        reply = Reply(iter(()), generation.result, dropped=dropped, restored=restored)
+    def _begin(self) -> Reply:
+        """Start the reply to the conversation as it stands: the one place local and remote engines part ways."""
+        if isinstance(self.engine, TextEngine):
+            generation, dropped = self._remote_generation(self.engine)
+            self._last_remote = generation.result
+            reply = Reply(iter(()), generation.result, dropped=dropped)
+        else:
+            tokens, dropped = self.fit()
+            restored = self._restore(tokens)
+            generation = self.engine.generate(tokens, self.options())
+            reply = Reply(iter(()), generation.result, dropped=dropped, restored=restored)
         reply.chunks = self._stream(generation, reply)
         return reply
+
+    def _remote_generation(self, engine: TextEngine) -> tuple[Generation, int]:
+        """Send the messages; the server's verdict decides what fits: on a context error, drop the oldest exchange
+        (never the system prompt) and ask again. Exact for every server, and no tokenizer needed here."""
+        turns, dropped = list(self.messages), 0
+        while True:
+            try:
+                return engine.chat(self._all_messages(turns), self.options()), dropped
+            except ContextOverflowError:
+                nxt = _next_exchange(turns)
+                if nxt is None:
+                    raise
+                turns = turns[nxt:]
+                dropped += nxt
 
     def _stream(self, generation: Any, reply: Reply) -> Iterator[str]:
         turn = None
@@ -258,7 +304,8 @@ class ChatSession:
                     turn.id, text, finish_reason=finish, prompt_tokens=result.prompt_tokens,
                     completion_tokens=result.completion_tokens, duration=time.monotonic() - started,
                 )
-        self._save_snapshot()
+        if not isinstance(self.engine, TextEngine):  # a remote model's state lives on its server
+            self._save_snapshot()
 
     def _save_snapshot(self) -> None:
         """Keep the context's state for the conversation so far, so resuming it later skips the prefill.
@@ -267,9 +314,21 @@ class ChatSession:
         """
         if self.snapshots is None:
             return
-        try:
-            history_tokens = self.tokens_for(self.messages)
-        except ChatcliError:  # the whole conversation no longer fits: the next prompt drops turns anyway
-            return
-        # keep only what a re-rendered conversation starts with: then it is a prefix of the next prompt
-        self.snapshots.save_prefix(self.engine, history_tokens, model_id=self.model_id)
+        # A copy of the conversation as it is now: the snapshot's thread renders it while this one goes on.
+        now = replace(self, messages=list(self.messages), settings=dict(self.settings), history=None, snapshots=None)
+
+        def next_prompt_start() -> list[int] | None:
+            try:
+                return now.fit()[0]  # with the turns the next prompt would drop dropped here too
+            except ChatcliError:
+                return None
+
+        # Written in the background, off the path to the next prompt; it keeps only what the conversation
+        # re-rendered starts with, so it is a prefix of the next prompt. One per conversation.
+        self.snapshots.save_later(self.engine, next_prompt_start, model_id=self.model_id,
+                                  conversation_id=self.conversation_id)
+
+
+def _next_exchange(turns: list[Message]) -> int | None:
+    """Where the second exchange starts (the oldest one is a user turn and the replies up to the next user turn)."""
+    return next((i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"), None)

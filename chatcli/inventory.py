@@ -20,11 +20,13 @@ def _header(path: Path) -> GGUFInfo | None:
 
 
 def local_rows(catalogue: Catalogue, display: Callable[[store.LocalModel, Catalogue], str]) -> list[dict]:
+    """Models in the HF cache (SOURCE hf), then those in other tools' stores (stores.py), each file once."""
     rows = []
     for model in store.scan():
         info = _header(model.path)
         rows.append({
             "reference": display(model, catalogue),
+            "source": "hf",
             "quant": (info.file_type if info else None) or model.quant,
             "size": model.size,
             "architecture": info.architecture if info else "unreadable",
@@ -34,6 +36,35 @@ def local_rows(catalogue: Catalogue, display: Callable[[store.LocalModel, Catalo
             "repo": model.repo,
             "file": model.filename,
             "revision": model.commit,
+            "path": str(model.path),
+        })
+    rows.extend(_store_rows({Path(str(row["path"])).resolve() for row in rows}))
+    return rows
+
+
+def _store_rows(listed: set[Path]) -> list[dict]:
+    from chatcli import stores
+    from chatcli.gguf_info import quant_from_filename
+
+    rows = []
+    for model in stores.scan():
+        resolved = model.path.resolve()
+        if resolved in listed:  # e.g. LM Studio's folder linking into the HF cache: one row is enough
+            continue
+        listed.add(resolved)
+        info = _header(model.path)
+        rows.append({
+            "reference": model.reference,
+            "source": model.source,
+            "quant": (info.file_type if info else None) or quant_from_filename(model.path.name),
+            "size": model.size,
+            "architecture": info.architecture if info else "unreadable",
+            "parameters": info.n_params if info else None,
+            "context": info.context_length if info else None,
+            "last_used": store.last_used(model.path),
+            "repo": None,
+            "file": model.name,
+            "revision": None,
             "path": str(model.path),
         })
     return rows
@@ -69,11 +100,18 @@ def _revision(model: store.LocalModel | None, spec: ModelSpec | None) -> str | N
 
 
 def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
+    from chatcli.engine import choose_context, kv_bytes_per_token
+    from chatcli.gguf_checks import available_memory, find_problems
+
     path, model = resolve_present(ref)
     info = read_gguf(path)
     spec = ref.spec or (catalogue.get(catalogue.alias_for_repo(model.repo) or "") if model else None)
     meta = info.metadata
     arch = info.architecture or ""
+    # What `complete` would refuse, at the context it would choose (without a --ctx-size).
+    n_ctx = choose_context(None, spec.context if spec else None, info.context_length,
+                           kv_bytes_per_token(meta, arch))
+    problems = [str(p) for p in find_problems(info, n_ctx=n_ctx, memory=available_memory())]
     return {
         "model": ref.display,
         "description": spec.description if spec else None,
@@ -94,4 +132,5 @@ def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
         "parts": len(model.parts) if model else 1,
         "path": str(path),
         "last_used": store.last_used(path),
+        "problems": problems,
     }

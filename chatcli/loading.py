@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatcli import config, store
 from chatcli.engine import LlamaEngine
 from chatcli.errors import ModelNotPresentError, UsageError
 from chatcli.registry import ModelRef, load_catalogue, parse_ref
+
+if TYPE_CHECKING:
+    from chatcli.remote import RemoteEngine
 
 
 @dataclass
@@ -34,9 +38,17 @@ def resolve(ref_text: str | None) -> ModelRef:
 
 def resolve_present(ref: ModelRef, revision: str = "main") -> tuple[Path, store.LocalModel | None]:
     """The file to open for a reference, or ModelNotPresentError naming the pull command."""
+    if ref.kind == "remote":
+        raise UsageError(f"{ref.display} is a model on a remote endpoint: there is no file here to pull, show or "
+                         f"remove (`chatcli list --endpoint {ref.endpoint}` lists its models)")
     if ref.kind == "local":
         assert ref.local_path is not None
         return ref.local_path, None
+    if ref.kind == "store":  # another tool's file (ollama, LM Studio, …), used in place: never pulled or copied
+        from chatcli import stores
+
+        assert ref.store is not None and ref.store_name is not None
+        return stores.find(ref.store, ref.store_name).path, None
     from chatcli import hub  # not for a local file: `complete -m ./x.gguf` starts without it
 
     model = hub.locate(ref, revision)
@@ -67,6 +79,15 @@ def ensure_present(
     if on_pulled is not None:
         on_pulled(result)
     return result.model.path
+
+
+def open_remote(ref: ModelRef, *, notice: Callable[[str], None] | None = None) -> RemoteEngine:
+    """A model on a remote endpoint (`@NAME[/MODEL_ID]`): connects and finds the model; nothing is loaded here."""
+    from chatcli import endpoints
+    from chatcli.remote import RemoteEngine
+
+    assert ref.kind == "remote" and ref.endpoint is not None
+    return RemoteEngine.open(endpoints.get(ref.endpoint), ref.remote_model, notice=notice)
 
 
 def load(ref: ModelRef, path: Path, options: LoadOptions) -> LlamaEngine:

@@ -78,7 +78,7 @@ class Catalogue:
         return None
 
 
-RefKind = Literal["alias", "repo", "file", "local"]
+RefKind = Literal["alias", "repo", "file", "local", "remote", "store"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,19 @@ class ModelRef:
     filename: str | None = None  # exact file in the repo, when known
     spec: ModelSpec | None = None
     local_path: Path | None = None
+    endpoint: str | None = None  # remote: the endpoint's name (endpoints.py)
+    remote_model: str | None = None  # remote: the server's model id; None for its first one
+    store: str | None = None  # store: the tool whose model it is (ollama, lmstudio, llama.cpp, gpt4all: stores.py)
+    store_name: str | None = None  # store: the model's name there (ollama's with its tag)
 
     @property
     def display(self) -> str:
+        if self.kind == "store":
+            from chatcli.stores import PREFIX
+
+            return f"{PREFIX[str(self.store)]}:{self.store_name}"
+        if self.kind == "remote":
+            return f"@{self.endpoint}" + (f"/{self.remote_model}" if self.remote_model else "")
         if self.kind == "local":
             return str(self.local_path)
         base = self.spec.alias if self.spec else self.repo
@@ -277,6 +287,22 @@ def parse_ref(ref: str, catalogue: Catalogue, *, quant: str | None = None) -> Mo
     ref = ref.strip()
     if not ref:
         raise UsageError("empty model reference: name a model, e.g. `smollm2` (see `chatcli list --available`)")
+    if ref.startswith("@"):  # @NAME[/MODEL_ID]: the id is the server's, slashes and colons included
+        from chatcli.endpoints import NAME_RE
+
+        name, _, model_id = ref[1:].partition("/")
+        if not NAME_RE.match(name):
+            raise UsageError(f"{raw!r}: expected @ENDPOINT or @ENDPOINT/MODEL_ID (see `chatcli endpoint list`)")
+        if quant:
+            raise UsageError("--quant does not apply to a model on a remote endpoint")
+        return ModelRef(raw=raw, kind="remote", endpoint=name, remote_model=model_id.strip() or None)
+    from chatcli import stores  # the standard library only: `list` and --help stay light
+
+    in_store = stores.split_reference(ref)  # ollama:NAME[:TAG], lmstudio:P/R/F.gguf, llamacpp:F, gpt4all:F
+    if in_store is not None:
+        if quant:
+            raise UsageError(f"--quant does not apply to {ref}: it names one file in {stores.TOOLS[in_store[0]]}")
+        return ModelRef(raw=raw, kind="store", store=in_store[0], store_name=in_store[1])
     if _looks_local(ref):
         path = Path(ref).expanduser()
         if not path.is_file():
@@ -319,5 +345,5 @@ def parse_ref(ref: str, catalogue: Catalogue, *, quant: str | None = None) -> Mo
     chosen = chosen or spec.default_quant
     if chosen and chosen not in spec.files:
         raise UsageError(f"{spec.alias} has no quant {chosen!r}; choose one of: {', '.join(spec.files)}")
-    filename = spec.file_for(chosen) if chosen else None
-    return ModelRef(raw=raw, kind="alias", repo=spec.repo, quant=chosen, filename=filename, spec=spec)
+    return ModelRef(raw=raw, kind="alias", repo=spec.repo, quant=chosen,
+                    filename=spec.file_for(chosen) if chosen else None, spec=spec)

@@ -23,7 +23,7 @@ class _Group(click.Group):
     aliases = {"ls": "list"}
 
     order = ("chat", "complete", "serve", "pull", "list", "show", "rm", "bench", "history", "templates", "config",
-             "cache")
+             "cache", "endpoint", "doctor")
 
     # command -> the chatcli.cli module that defines it (in its COMMANDS): only the module of the command that
     # runs is imported, so `chatcli complete` starts without the others (tests/test_lazy_imports.py checks the map)
@@ -31,6 +31,7 @@ class _Group(click.Group):
         "complete": "run", "chat": "run", "bench": "run", "serve": "serve",
         "pull": "models", "list": "models", "show": "models", "rm": "models",
         "config": "manage", "history": "manage", "templates": "manage", "cache": "manage",
+        "endpoint": "endpoint", "doctor": "doctor",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -53,7 +54,7 @@ class _Group(click.Group):
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: object) -> click.Context:
         with _closed_stdout_is_output_closed():  # --help, --version, usage errors print here
-            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+            return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: click.Context) -> object:
         with _closed_stdout_is_output_closed():

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from chatcli.cli.common import catalogue as _catalogue
 from chatcli.cli.common import display as _display
 from chatcli.cli.common import model_ref as _ref
-from chatcli.errors import ChatcliError
+from chatcli.errors import ChatcliError, UsageError
+
+if TYPE_CHECKING:
+    from chatcli.registry import ModelRef
 
 
 # ---------------------------------------------------------------- pull
@@ -18,7 +22,8 @@ from chatcli.errors import ChatcliError
 
 @click.command()
 @click.argument("ref")
-@click.option("--quant", "-q", help="Quantisation to fetch, e.g. Q4_K_M (default: the catalogue's, else Q4_K_M).")
+@click.option("--quant", "-q", help="Quantisation to fetch, e.g. Q4_K_M, or auto: the largest that fits this machine "
+              "(default: the pull_quant setting, else the catalogue's, else Q4_K_M).")
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit on the Hub.")
 @click.option("--refresh", is_flag=True, help="Check the Hub for a newer revision even if the model is present.")
 def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
@@ -32,7 +37,7 @@ def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
     from chatcli.errors import Interrupted
     from chatcli.pulling import pull_model
 
-    model_ref = _ref(ref, quant)
+    model_ref = _auto_quant(ref, quant, revision)
     started = time.monotonic()
     try:
         result = pull_model(model_ref, revision=revision, refresh=refresh, progress=console.DownloadBar(),
@@ -59,11 +64,17 @@ def pull(ref: str, quant: str | None, revision: str, refresh: bool) -> None:
 @click.command("list")  # also `ls`
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--available", is_flag=True, help="List the catalogue's models instead of the downloaded ones.")
-def list_models(as_json: bool, available: bool) -> None:
-    """List downloaded models (also those other Hub tools put in the Hugging Face cache)."""
+@click.option("--endpoint", "endpoint_name", metavar="NAME", help="List the models a remote endpoint serves.")
+def list_models(as_json: bool, available: bool, endpoint_name: str | None) -> None:
+    """List downloaded models: the Hugging Face cache's, and GGUF models ollama, LM Studio, llama.cpp and GPT4All
+    downloaded (SOURCE), usable in place as ollama:NAME[:TAG], lmstudio:PUBLISHER/REPO/FILE.gguf, llamacpp:FILE,
+    gpt4all:FILE."""
     from chatcli.cli import console
     from chatcli.inventory import available_rows, local_rows
 
+    if endpoint_name is not None:
+        _list_remote(endpoint_name.removeprefix("@"), as_json)
+        return
     catalogue = _catalogue()
     rows = available_rows(catalogue) if available else local_rows(catalogue, _display)
     if as_json:
@@ -86,11 +97,35 @@ def list_models(as_json: bool, available: bool) -> None:
     if available:
         columns = ["name", "default_quant", "downloaded", "license", "description"]
     else:
-        columns = ["reference", "quant", "size", "architecture", "parameters", "context", "last_used"]
+        columns = ["reference", "source", "quant", "size", "architecture", "parameters", "context", "last_used"]
     for column in columns:
         table.add_column(column.replace("_", " ").upper())
     for row in rows:
         table.add_row(*[_cell(column, row.get(column)) for column in columns])
+    console.print_table(table)
+
+
+def _list_remote(name: str, as_json: bool) -> None:
+    """`list --endpoint NAME`: the server's /v1/models, as @NAME/MODEL_ID references."""
+    from chatcli import endpoints
+    from chatcli.cli import console
+    from chatcli.remote import list_models as remote_models
+
+    models = remote_models(endpoints.get(name))
+    rows = [{"reference": f"@{name}/{m.id}", "id": m.id, "owned_by": m.owned_by, "context": m.n_ctx} for m in models]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.info(f"endpoint {name} lists no models")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("REFERENCE", "OWNED BY", "CONTEXT"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[_cell(key, row[key]) for key in ("reference", "owned_by", "context")])
     console.print_table(table)
 
 
@@ -111,17 +146,79 @@ def _cell(column: str, value: object) -> str:
 # ---------------------------------------------------------------- show
 
 
+def _auto_quant(ref: str, quant: str | None, revision: str) -> ModelRef:
+    """The reference to pull: with --quant auto (or pull_quant = auto), the largest quant that fits, said why."""
+    from chatcli import config
+
+    if quant is None:
+        setting = config.get("pull_quant")
+        probe = _ref(ref)
+        if setting and probe.kind in ("repo", "alias") and ":" not in ref.rsplit("/", 1)[-1]:
+            quant = str(setting)
+    if quant is None or quant.lower() != "auto":
+        return _ref(ref, quant)
+    from chatcli.cli import console
+    from chatcli.remote_header import choose_fitting, describe_repo
+
+    base = _ref(ref)
+    if base.kind not in ("repo", "alias"):
+        raise UsageError("--quant auto chooses among a repo's files: give an alias or owner/repo, not a file")
+    choice = choose_fitting(describe_repo(base, revision, only_catalogue=True))
+    console.info(f"--quant auto: {choice.reason}")
+    row = choice.row
+    if base.spec is not None:
+        named = [q for q, f in base.spec.files.items() if f == row.files[0]]
+        if named:
+            return _ref(ref.rsplit(":", 1)[0], named[0])
+    return _ref(f"{base.repo}/{row.files[0]}")
+
+
 @click.command()
 @click.argument("ref")
+@click.argument("messages", nargs=-1)
 @click.option("--template", "print_template", is_flag=True, help="Print the model's embedded chat template.")
+@click.option("--quants", "remote", is_flag=True,
+              help="List every GGUF in the model's Hub repo with its memory need and fit, read from headers only.")
+@click.option("--render", is_flag=True, help="Print the prompt MESSAGES become, special tokens marked, and its "
+              "token count.")
+@click.option("-s", "--system", help="With --render: a system message first.")
+@click.option("--chat-template", "chat_template", help="With --render: auto or a built-in template name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def show(ref: str, print_template: bool, as_json: bool) -> None:
-    """Describe a model from its GGUF header, without loading its weights."""
+def show(ref: str, messages: tuple[str, ...], print_template: bool, remote: bool, render: bool, system: str | None,
+         chat_template: str | None, as_json: bool) -> None:
+    """Describe a model from its GGUF header, without loading its weights.
+
+    A model that is not downloaded is described from the Hub: one row per quant, from each file's header
+    (read with HTTP Range requests, a few kB to MB per file), with the memory a load needs and whether it fits.
+    """
     from chatcli.cli import console
+    from chatcli.errors import ModelNotPresentError
     from chatcli.inventory import describe
 
+    if (messages or system or chat_template) and not render:
+        raise UsageError("MESSAGE, --system and --chat-template go with --render")
+    if render:
+        from chatcli.cli.doctor import show_render
+
+        show_render(ref, list(messages), system, chat_template, as_json)
+        return
     catalogue = _catalogue()
-    details = describe(_ref(ref), catalogue)
+    model_ref = _ref(ref)
+    if remote:
+        _show_remote(model_ref, as_json)
+        return
+    try:
+        details = describe(model_ref, catalogue)
+    except ModelNotPresentError as missing:
+        if model_ref.kind not in ("repo", "alias", "file") or print_template:
+            raise
+        from chatcli.hub import HubUnreachableError
+
+        try:
+            _show_remote(model_ref, as_json)
+        except HubUnreachableError:
+            raise missing from None
+        return
     if print_template:
         template = details.get("chat_template")
         if not template:
@@ -145,8 +242,53 @@ def show(ref: str, print_template: bool, as_json: bool) -> None:
             value = console.count(value)
         elif key == "last_used":
             value = console.ago(value)
+        elif key == "problems":  # what `complete` and `chat` would refuse this file for
+            value = "\n".join(value) if value else "none found"
         table.add_row(key.replace("_", " "), "-" if value in (None, "") else str(value))
     console.print_table(table)
+
+
+def _show_remote(model_ref: ModelRef, as_json: bool) -> None:
+    """`show` for a model on the Hub: one row per quant, from headers read with Range requests."""
+    from chatcli.cli import console
+    from chatcli.remote_header import describe_repo
+
+    report = describe_repo(model_ref)
+    if all(r.problem for r in report.rows):  # nothing to show: the same one-line refusal as for a local file
+        from chatcli.errors import GGUFError
+
+        raise GGUFError(str(report.rows[0].problem))
+    if as_json:
+        click.echo(json.dumps({"repo": report.repo, "revision": report.revision, "downloaded": False,
+                               "memory_budget": report.budget.total, "memory_source": report.budget.source,
+                               "header_bytes_read": report.fetched,
+                               "quants": [r.as_dict() for r in report.rows]}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("QUANT", "SIZE", "ARCH", "PARAMS", "CONTEXT", "TEMPLATE", "MEMORY", "FIT"):
+        table.add_column(column)
+    for r in report.rows:
+        quant = r.quant or r.files[0]
+        if len(r.files) > 1:
+            quant += f" ({len(r.files)} parts)"
+        if r.problem:
+            table.add_row(quant, console.size(r.size), "-", "-", "-", "-", "-", "refused")
+            continue
+        memory = f"{console.size(r.memory)} @ {r.n_ctx:,}" if r.n_ctx else console.size(r.memory)
+        table.add_row(quant, console.size(r.size), r.architecture or "-", console.count(r.parameters),
+                      f"{r.context_length:,}" if r.context_length else "-", "yes" if r.chat_template else "no",
+                      memory, r.fit)
+    console.print_table(table)
+    budget = console.size(report.budget.total) if report.budget.total is not None else "unknown"
+    console.info(f"{report.repo} on the Hub, not downloaded (`chatcli pull {model_ref.raw}` downloads it; "
+                 f"--quant auto takes the largest that fits). MEMORY: weights + KV cache at the context a load "
+                 f"would use; FIT against {budget} ({report.budget.source}). Read {console.size(report.fetched)} "
+                 "of GGUF headers.")
+    for r in report.rows:
+        if r.problem:
+            console.warn(f"refused: {r.problem}")
 
 
 # ---------------------------------------------------------------- rm
@@ -156,12 +298,20 @@ def show(ref: str, print_template: bool, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(ref: str, yes: bool) -> None:
-    """Remove a downloaded model from the Hugging Face cache."""
-    from chatcli import hub, store
+    """Remove a downloaded model from the Hugging Face cache (never another tool's files)."""
+    from chatcli import hub, store, stores
     from chatcli.cli import console
 
     model_ref = _ref(ref)
+    if model_ref.kind == "store":  # ollama's, LM Studio's, …: theirs to remove
+        assert model_ref.store is not None and model_ref.store_name is not None
+        found = stores.find(model_ref.store, model_ref.store_name)
+        raise ChatcliError(stores.removal_refused(found, found.path, found.source))
     if model_ref.kind == "local":
+        assert model_ref.local_path is not None
+        owner = stores.owner_of(model_ref.local_path)
+        if owner is not None:
+            raise ChatcliError(stores.removal_refused(None, model_ref.local_path, owner))
         raise ChatcliError(f"{model_ref.local_path} is not in the model cache; delete the file yourself if you mean to")
     model = hub.locate(model_ref)
     if model is None:

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from chatcli import attachments as attaching
+from chatcli.attachments import Attachment
 from chatcli.conversation import SETTING_NAMES, ChatSession, Reply
 from chatcli.engine import SETTINGS, InvalidSetting
-from chatcli.errors import ChatcliError
+from chatcli.errors import ChatcliError, RemoteError
 
 INTERRUPTED_MARK = "[interrupted]"
 MULTILINE_FENCE = '"""'
@@ -41,6 +43,7 @@ COMMANDS = [
     Command("/set", "/set NAME VALUE", f"change a setting: {', '.join(SETTING_NAMES)}"),
     Command("/show", "/show", "current model, settings and chat template"),
     Command("/tokens", "/tokens", "context used / available"),
+    Command("/file", "/file PATH...", "attach text files to your next message (no PATH: list what is attached)"),
     Command("/copy", "/copy", "copy the last reply to the clipboard (terminals that support OSC 52)"),
     Command("/exit", "/exit", "leave (Ctrl-D works too)"),
 ]
@@ -64,6 +67,8 @@ class Repl:
         input_history: Path | None = None,
         pt_input: Any = None,
         pt_output: Any = None,
+        attachments: Sequence[Attachment] = (),
+        truncate: bool = False,
     ) -> None:
         from chatcli.cli import console
 
@@ -76,6 +81,8 @@ class Repl:
         self.pt_input, self.pt_output = pt_input, pt_output
         self.done = False
         self.interactive = False  # set by run(): then Ctrl-C stops a reply; in a script it stops everything
+        self.attachments = list(attachments)  # files for the next message (chat -f, /file)
+        self.truncate = truncate  # cut attached files that do not fit, instead of refusing them
 
     # -------------------------------------------------------- notices
 
@@ -169,6 +176,9 @@ class Repl:
                 self.notice(f"{who}: {_one_line(message['content'])}")
         else:
             self.notice(f"chatting with {self.model_name}; /help for commands, Ctrl-D to leave")
+        if self.attachments:
+            self.notice(f"attached {attaching.describe(self.attachments, self.session.engine)}: "
+                        "it goes with your next message")
 
     def handle(self, text: str) -> None:
         """One line of input: a slash command or a message."""
@@ -178,13 +188,27 @@ class Repl:
             if text.lstrip().startswith("/"):
                 self.command(text.strip())
             else:
-                self.stream(self.session.send(text))
+                self.stream(self._send(text))
+        except RemoteError as exc:
+            if not self.interactive:  # a script's later lines would be answered without this reply: stop, exit 1
+                raise
+            self.notice(f"error: {exc}", style="red")
         except ChatcliError as exc:
             self.notice(f"error: {exc}", style="red")
         except KeyboardInterrupt:  # e.g. while /model loads: back to the prompt, not out of the chat
             if not self.interactive:
                 raise
             self.notice(INTERRUPTED_MARK, style="yellow")
+
+    def _send(self, text: str) -> Reply:
+        """Send a message, with the files attached to it (each in a block before the text); they go once."""
+        files, self.attachments = self.attachments, []
+        if not files:
+            return self.session.send(text)
+        files, notes = attaching.fit_message(self.session, files, text, truncate=self.truncate)
+        for note in notes:
+            self.notice(note, style="yellow")
+        return self.session.send(attaching.join(files, text))
 
     # -------------------------------------------------------- replies
 
@@ -364,6 +388,25 @@ class Repl:
         self.out.write(f"\x1b]52;c;{base64.b64encode(reply.encode()).decode()}\x07")
         self.out.flush()
         self.notice(f"copied the last reply ({len(reply)} characters)")
+
+    def cmd_file(self, arg: str) -> None:
+        if not arg:
+            if self.attachments:
+                attached = attaching.describe(self.attachments, self.session.engine)
+                self.notice(f"attached for your next message: {attached}")
+            else:
+                self.notice("usage: /file PATH... (attaches text files to your next message)")
+            return
+        try:
+            names = shlex.split(arg)
+        except ValueError:  # an unmatched quote: take the line as one path
+            names = [arg]
+        for name in names:
+            file = attaching.read(name, truncate=self.truncate)
+            # refused now, not with the next message, if it could never fit (--truncate: cut when sent)
+            attaching.fit_message(self.session, [*self.attachments, file], "", truncate=self.truncate)
+            self.attachments.append(file)
+            self.notice(f"attached {attaching.describe([file], self.session.engine)}: it goes with your next message")
 
     def cmd_tokens(self, arg: str) -> None:
         used, total = self.session.context_usage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 
@@ -66,12 +67,12 @@ def _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose):  # noqa: 
         raise click.BadParameter("must be 16 or more", param_hint="--ctx-size")
     if threads is not None and threads < 1:
         raise click.BadParameter("must be 1 or more", param_hint="--threads")
-    settings = config.effective()
+    settings = {name: setting.value for name, setting in config.effective().items()}  # parsed by config
     return LoadOptions(
-        ctx_size=ctx_size or settings["ctx_size"].value,
-        threads=threads or settings["threads"].value,
-        gpu_layers=gpu_layers or settings["gpu_layers"].value,
-        flash_attn=settings["flash_attn"].value if flash_attn is None else flash_attn,
+        ctx_size=ctx_size or cast("int | None", settings["ctx_size"]),
+        threads=threads or cast("int | None", settings["threads"]),
+        gpu_layers=gpu_layers or str(settings["gpu_layers"]),
+        flash_attn=bool(settings["flash_attn"]) if flash_attn is None else flash_attn,
         verbose=verbose,
     )
 
@@ -89,11 +90,20 @@ def _ask_to_pull(ref) -> bool:  # noqa: ANN001
     return click.confirm(f"{ref.display} is not downloaded. Download it{size} now?", default=True, err=True)
 
 
-def _open_engine(model_ref_text, pull, load_options):  # noqa: ANN001, ANN202
+def _open_engine(model_ref_text, pull, load_options, *, allow_remote=True):  # noqa: ANN001, ANN202
     from chatcli import loading
     from chatcli.cli import console
 
     ref = loading.resolve(model_ref_text)
+    if ref.kind == "remote":  # @NAME[/MODEL_ID]: nothing to pull or load; the load options are the server's
+        if not allow_remote:
+            from chatcli.errors import UsageError
+
+            raise UsageError(f"{ref.display} is a remote model: bench measures models run here")
+        remote = loading.open_remote(ref, notice=console.warn)
+        if load_options.verbose:
+            console.info(f"using {remote.label} at {remote.endpoint.api_base} (found in {remote.load_seconds:.2f}s)")
+        return ref, remote
 
     def pulled(result) -> None:  # noqa: ANN001
         via = "" if result.source == "hub" else f" from {result.source}"
@@ -150,22 +160,26 @@ def _grammar_source(grammar_file: str | None, json_schema: str | None) -> str | 
 @click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="A prompt template variable.")
 @click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), help="Constrain output with a GBNF file.")
 @click.option("--json-schema", help="Constrain output to a JSON schema (a file or inline JSON).")
-@click.option("--truncate", is_flag=True, help="If the prompt is too long, keep its end instead of failing.")
+@click.option("-f", "--file", "files", multiple=True, metavar="PATH",
+              help="Put a text file into the prompt, before TEXT, under a line naming it (repeatable).")
+@click.option("--truncate", is_flag=True, help="If the prompt is too long, cut the -f files, then keep the prompt's "
+              "end, instead of failing.")
 @click.option("--cache", is_flag=True, help="Keep the prompt's model state, so a repeated prefix (same stdin) is not "
               "read again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (text, tokens, timings).")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="Print one JSON event per chunk, then a summary.")
 def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, stop, echo, as_chat, system,
-             chat_template, prompt_template, variables, grammar_file, json_schema, truncate, cache, as_json, as_jsonl,
-             **sampling) -> None:  # noqa: ANN001
+             chat_template, prompt_template, variables, grammar_file, json_schema, files, truncate, cache, as_json,
+             as_jsonl, **sampling) -> None:  # noqa: ANN001
     """Complete TEXT (and/or stdin) and stream the result to stdout.
 
     \b
     Prompt = TEXT and piped stdin, joined with a blank line.
       chatcli complete "The quick brown fox"
       cat notes.txt | chatcli complete "Summary:" | tee out.txt
+      chatcli complete --chat -f notes.txt "Summarise the file."
     """
-    from chatcli import completion
+    from chatcli import attachments, completion
     from chatcli.cli import console
     from chatcli.errors import UsageError
 
@@ -174,7 +188,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     if variables and not prompt_template:
         raise UsageError("--var needs -t/--template")
     stdin_text = _read_stdin()
-    prompt = completion.join_prompt(text, stdin_text, allow_empty=prompt_template is not None)
+    attached = attachments.read_all(files, truncate=truncate)  # binary or not UTF-8: refused before the model loads
+    prompt = completion.join_prompt(text, stdin_text, allow_empty=prompt_template is not None or bool(attached))
     defaults: dict = {}
     if prompt_template:
         from chatcli import prompt_templates
@@ -188,7 +203,17 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     if system and not as_chat:
         raise UsageError("--system needs --chat")
     given = {**_given(sampling), "stop": stop or None}
-    grammar = _grammar_source(grammar_file, json_schema)
+    from chatcli import loading
+
+    remote = loading.resolve(model).kind == "remote"
+    if remote and grammar_file:
+        raise UsageError("--grammar (GBNF) works with models run here; for a remote model use --json-schema")
+    grammar = None if remote else _grammar_source(grammar_file, json_schema)
+    schema = None
+    if remote and json_schema:
+        from chatcli.grammars import load_schema
+
+        schema = load_schema(json_schema)  # sent as response_format: the server constrains its output
     _sampling_options(defaults, **given)  # a bad flag is a usage error before the model loads
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     ref, engine = _open_engine(model, pull, load_options)
@@ -203,7 +228,16 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         truncate=truncate,
         cache=cache,
         cache_prefix=stdin_text if stdin_text and text and not (prompt_template or as_chat) else None,
+        json_schema=schema,
     )
+    if attached:  # the files go first, each in its block; cut to fit with --truncate (a remote server judges itself)
+        if not remote:
+            attached, notes = attachments.fit_completion(engine, ref, request, attached, prompt, truncate=truncate)
+            for note in notes:
+                console.warn(note)
+        request.prompt = attachments.join(attached, prompt)
+        if request.cache_prefix is not None:
+            request.cache_prefix = attachments.join(attached, request.cache_prefix)
     mode = "json" if as_json else "jsonl" if as_jsonl else "text"
     completion.run(engine, ref, request, completion.Output(sys.stdout, mode=mode, echo=echo, warn=console.warn))
 
@@ -218,8 +252,12 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
 @click.option("--continue", "continue_", is_flag=True, help="Continue the latest conversation.")
 @click.option("--conversation", "conversation_id", metavar="ID", help="Continue conversation ID.")
 @click.option("--no-history", is_flag=True, help="Do not store this conversation.")
+@click.option("-f", "--file", "files", multiple=True, metavar="PATH",
+              help="Attach a text file to your first message, under a line naming it (repeatable; /file in the chat).")
+@click.option("--truncate", is_flag=True, help="Cut attached files that do not fit the context window instead of "
+              "refusing them.")
 def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system, prompt_template, variables,
-         chat_template, continue_, conversation_id, no_history, **sampling) -> None:  # noqa: ANN001
+         chat_template, continue_, conversation_id, no_history, files, truncate, **sampling) -> None:  # noqa: ANN001
     """Chat with a model in a REPL (or answer each line of piped stdin).
 
     \b
@@ -228,11 +266,13 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
     Sampling flags win over a continued conversation's /set values, a prompt template's options and the
     model's catalogue options; /set changes them during the chat.
     """
+    from chatcli.attachments import read_all
     from chatcli.cli.chat import start as start_chat
     from chatcli.errors import UsageError
 
     if continue_ and conversation_id:
         raise UsageError("use either --continue or --conversation, not both")
+    attached = read_all(files, truncate=truncate)  # binary or not UTF-8: refused before the model loads
     given = _given(sampling)
     _sampling_options(**given)  # a bad flag is a usage error before the model loads
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
@@ -240,6 +280,7 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
         model=model, system=system, prompt_template=prompt_template, chat_template=chat_template,
         continue_latest=continue_, conversation_id=conversation_id, history=not no_history, variables=variables,
         settings=given, open_engine=lambda ref_text: _open_engine(ref_text, pull, load_options),
+        files=attached, truncate=truncate,
     )
     sys.exit(code)
 
@@ -265,7 +306,7 @@ def bench(model, n_prompt, n_gen, repetitions, ctx_size, threads, gpu_layers, fl
 
     default_ctx = max(n_prompt + 1, 64 + n_gen) + 16  # pp needs the prompt, tg a short prompt + n_gen
     load_options = _load_options(ctx_size or default_ctx, threads, gpu_layers, flash_attn, False)
-    ref, engine = _open_engine(model, pull, load_options)
+    ref, engine = _open_engine(model, pull, load_options, allow_remote=False)
     with console.err().status("benchmarking…") if console.stderr_is_tty() else _nothing():
         report = benchlib.run_bench(engine, prompt_lengths=(n_prompt,), gen_lengths=(n_gen,), repetitions=repetitions)
     if as_json:
