@@ -21,9 +21,9 @@ from chatcli.registry import load_catalogue, parse_ref
 
 @pytest.fixture
 def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh HOME, with no XDG or tool variables left to point elsewhere."""
+    """A fresh HOME, with no XDG or tool variables left to point elsewhere (conftest's `home` already made it)."""
     home = tmp_path / "user"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("USERPROFILE", str(home))
     for name in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "OLLAMA_MODELS", "LLAMA_CACHE", "LOCALAPPDATA"):
