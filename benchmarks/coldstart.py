@@ -91,6 +91,9 @@ def main() -> None:
         bare = home / "bare.py"
         bare.write_text(BARE)
         env = common.clean_env(home)
+        # as installed: Python keeps compiled modules (.pyc); without them chatcli's own modules would be compiled
+        # from source on every run while llama_cpp's were compiled by pip at install time
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         chatcli_cmd = [*chatcli, "complete", "-m", str(model), "-n", "1", "--temperature", "0",
                        "--threads", str(args.threads), "--ctx-size", str(args.ctx), "--gpu-layers", "0",
                        "--flash-attn" if flash else "--no-flash-attn", PROMPT]

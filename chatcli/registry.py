@@ -241,7 +241,26 @@ def _mirror(source: Path, where: str, raw: object, files: dict[str, str]) -> Mir
                   path=raw["path"], sha256=raw["sha256"], size=size)
 
 
+_loaded: dict[tuple[str, int, int], tuple[dict[str, ModelSpec], str | None]] = {}
+
+
 def _load_file(source: Path) -> tuple[dict[str, ModelSpec], str | None]:
+    """A catalogue file's entries, parsed once per process for each version of the file (size and mtime)."""
+    try:
+        st = source.stat()
+        key: tuple[str, int, int] | None = (str(source), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _loaded:
+        models, default = _loaded[key]
+        return dict(models), default
+    models, default = _parse_file(source)
+    if key is not None:
+        _loaded[key] = (dict(models), default)
+    return models, default
+
+
+def _parse_file(source: Path) -> tuple[dict[str, ModelSpec], str | None]:
     data = _parse_toml(source)
     unknown = sorted(set(data) - {"models", "default_model"})
     if unknown:

@@ -28,7 +28,6 @@ Where each tool keeps its models, as its own source resolves it (read 2026-12):
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
@@ -151,6 +150,8 @@ def gpt4all_roots() -> list[Path]:
 def _gpt4all_setting() -> Path | None:
     """The desktop app's `modelPath` (Qt writes the ini as [General] modelPath=...)."""
     ini = (_env_path("XDG_CONFIG_HOME") or Path.home() / ".config") / "nomic.ai" / "GPT4All.ini"
+    import configparser  # only when GPT4All's settings file is read
+
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     try:
         parser.read_string(ini.read_text(encoding="utf-8"))

@@ -179,7 +179,7 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
       cat notes.txt | chatcli complete "Summary:" | tee out.txt
       chatcli complete --chat -f notes.txt "Summarise the file."
     """
-    from chatcli import attachments, completion
+    from chatcli import completion
     from chatcli.cli import console
     from chatcli.errors import UsageError
 
@@ -188,7 +188,11 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     if variables and not prompt_template:
         raise UsageError("--var needs -t/--template")
     stdin_text = _read_stdin()
-    attached = attachments.read_all(files, truncate=truncate)  # binary or not UTF-8: refused before the model loads
+    attached = []
+    if files:
+        from chatcli import attachments
+
+        attached = attachments.read_all(files, truncate=truncate)  # binary or not UTF-8: refused before loading
     prompt = completion.join_prompt(text, stdin_text, allow_empty=prompt_template is not None or bool(attached))
     defaults: dict = {}
     if prompt_template:
@@ -231,6 +235,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         json_schema=schema,
     )
     if attached:  # the files go first, each in its block; cut to fit with --truncate (a remote server judges itself)
+        from chatcli import attachments
+
         if not remote:
             attached, notes = attachments.fit_completion(engine, ref, request, attached, prompt, truncate=truncate)
             for note in notes:
