@@ -19,6 +19,7 @@ from pathlib import Path
 
 from chatcli.errors import GGUFError, GGUFValueError
 from chatcli.gguf_info import ArraySummary, GGUFInfo, read_string_array
+from chatcli.units import human_bytes
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: load_hparams asserts 0 < block_count <= 512
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
@@ -81,17 +82,6 @@ def _show(value: object) -> str:
         return f"an array of {len(value)}" if len(value) > 8 else str(list(value))
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _size(n: int) -> str:
-    if n < 1000:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        value /= 1000
-        if value < 1000 or unit == "PB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 class _Checker:
@@ -457,9 +447,9 @@ def available_memory() -> int | None:
 def _check_memory(c: _Checker, n_ctx: int, memory: int) -> None:
     weights, kv = estimate_load_bytes(c.info, n_ctx)
     if weights + kv > memory:
-        c.add("the memory a load needs", None, shown=f"~{_size(weights + kv)}",
-              why=f"weights {_size(weights)} + KV cache {_size(kv)} at a {n_ctx:,}-token context, but only "
-              f"{_size(memory)} is available (free memory and swap)",
+        c.add("the memory a load needs", None, shown=f"~{human_bytes(weights + kv)}",
+              why=f"weights {human_bytes(weights)} + KV cache {human_bytes(kv)} at a {n_ctx:,}-token context, but only "
+              f"{human_bytes(memory)} is available (free memory and swap)",
               todo="free memory, or use a smaller model or quant, or a smaller --ctx-size")
 
 

@@ -26,6 +26,7 @@ from chatcli import config, hub, paths, quants
 from chatcli.errors import ChatcliError, DownloadError, GGUFError, UsageError
 from chatcli.gguf_info import GGUFInfo, read_gguf_from
 from chatcli.registry import ModelRef
+from chatcli.units import human_bytes
 
 MAX_HEADER_BYTES = 32 << 20  # real headers are 1-10 MB (a 262k-token vocabulary with its scores is ~6 MB)
 FIRST_READ = 32 << 10  # the first Range request; each further one doubles what was read, up to MAX_STEP
@@ -369,12 +370,7 @@ class AutoChoice:
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return "unknown" if n is None else human_bytes(n)
 
 
 def choose_fitting(report: RepoReport) -> AutoChoice:

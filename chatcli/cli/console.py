@@ -60,12 +60,9 @@ def _escape(text: str) -> str:
 
 
 def size(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
+    from chatcli.units import human_bytes
+
+    return "-" if n is None else human_bytes(n)
 
 
 def count(n: int | None) -> str:
