@@ -129,9 +129,9 @@ def test_generation_stops_when_the_reader_goes_away(long_context_model: Path) ->
     which `decoding` is spent generating. Stopping at once means the cut run takes about `full - decoding`;
     generating on (for instance if a closed stdout were ignored) would take about `full`.
     """
-    n_tokens = 1000
+    n_tokens = 4000  # long enough that decoding dominates start-up even on a fast, idle machine (~1,200 tok/s)
     cmd = [*CHATCLI, "complete", "-m", str(long_context_model), "hello", "-n", str(n_tokens), "--temperature", "0",
-           "--threads", "1", "--ctx-size", "2048"]
+           "--threads", "1", "--ctx-size", "8192"]
     started = time.monotonic()
     whole = subprocess.run([*cmd, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                            env=os.environ.copy(), timeout=300)
