@@ -22,8 +22,8 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 error, 2 usage error, 3 context overflow,
 class _Group(click.Group):
     aliases = {"ls": "list"}
 
-    order = ("chat", "complete", "serve", "pull", "list", "show", "rm", "bench", "history", "templates", "config",
-             "cache", "endpoint", "doctor")
+    order = ("chat", "complete", "serve", "pull", "list", "show", "doctor", "rm", "endpoint", "bench", "history",
+             "templates", "config", "cache")
 
     # command -> the chatcli.cli module that defines it (in its COMMANDS): only the module of the command that
     # runs is imported, so `chatcli complete` starts without the others (tests/test_lazy_imports.py checks the map)

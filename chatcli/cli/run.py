@@ -20,7 +20,8 @@ def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
         click.option("-m", "--model", "model", metavar="REF", help="Model to use (default: `chatcli config show`)."),
         click.option("--pull", "pull", is_flag=True, help="Download the model first if it is missing."),
         click.option("-c", "--ctx-size", type=int, help="Context window in tokens (default: the model's, capped)."),
-        click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
+        click.option("--threads", type=int, help="CPU threads (default: the physical cores, shared with other "
+                     "chatcli processes generating at once)."),
         click.option("--gpu-layers", default=None, metavar="auto|all|N", help="Layers to offload to the GPU."),
         click.option("--flash-attn/--no-flash-attn", default=None, help="Use flash attention."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log and load details on stderr."),
@@ -299,7 +300,8 @@ def chat(model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose, system
               help="Tokens to generate for the generation test.")
 @click.option("-r", "--repetitions", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("-c", "--ctx-size", type=int, help="Context window (default: prompt + generation).")
-@click.option("--threads", type=int, help="CPU threads (default: physical cores).")
+@click.option("--threads", type=int,
+              help="CPU threads (default: the physical cores, shared with other chatcli processes generating at once).")
 @click.option("--gpu-layers", default=None, metavar="auto|all|N", help="Layers to offload to the GPU.")
 @click.option("--flash-attn/--no-flash-attn", default=None, help="Use flash attention.")
 @click.option("--pull", "pull", is_flag=True, help="Download the model first if it is missing.")
