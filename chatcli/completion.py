@@ -103,10 +103,13 @@ def render_prompt(engine: Engine, ref: ModelRef, request: CompletionRequest,
     fmt, warning = chat_format(engine, ref, request.template)
     if warning:
         warn(warning)
-    messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
-        {"role": "user", "content": request.prompt}
-    ]
-    return fmt.render(messages, add_generation_prompt=True), fmt.stop
+    return fmt.render(_messages(request), add_generation_prompt=True), fmt.stop
+
+
+def _messages(request: CompletionRequest) -> list[dict[str, str]]:
+    """`--chat`: the system prompt, if any, and the text as the user's message."""
+    system = [{"role": "system", "content": request.system}] if request.system else []
+    return [*system, {"role": "user", "content": request.prompt}]
 
 
 def run(engine: Engine | TextEngine, ref: ModelRef, request: CompletionRequest, out: Output) -> GenerationResult:
@@ -157,10 +160,7 @@ def _remote_generation(engine: TextEngine, request: CompletionRequest, warn: Cal
             warn(f"{flag} does not apply to a remote model (the server tokenizes, fits and templates): ignored")
     if not request.chat:
         return engine.complete_text(request.prompt, request.options, json_schema=request.json_schema)
-    messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
-        {"role": "user", "content": request.prompt}
-    ]
-    return engine.chat(messages, request.options, json_schema=request.json_schema)
+    return engine.chat(_messages(request), request.options, json_schema=request.json_schema)
 
 
 def _restore(engine: Engine, tokens: list[int]):  # noqa: ANN202

@@ -91,11 +91,13 @@ def _ask_to_pull(ref) -> bool:  # noqa: ANN001
     return click.confirm(f"{ref.display} is not downloaded. Download it{size} now?", default=True, err=True)
 
 
-def _open_engine(model_ref_text, pull, load_options, *, allow_remote=True):  # noqa: ANN001, ANN202
+def _open_engine(model, pull, load_options, *, allow_remote=True):  # noqa: ANN001, ANN202
+    """Load the model `model` names (a reference's text, None for the default, or a ModelRef already resolved)."""
     from chatcli import loading
     from chatcli.cli import console
+    from chatcli.registry import ModelRef
 
-    ref = loading.resolve(model_ref_text)
+    ref = model if isinstance(model, ModelRef) else loading.resolve(model)
     if ref.kind == "remote":  # @NAME[/MODEL_ID]: nothing to pull or load; the load options are the server's
         if not allow_remote:
             from chatcli.errors import UsageError
@@ -210,7 +212,8 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
     given = {**_given(sampling), "stop": stop or None}
     from chatcli import loading
 
-    remote = loading.resolve(model).kind == "remote"
+    resolved = loading.resolve(model)
+    remote = resolved.kind == "remote"
     if remote and grammar_file:
         raise UsageError("--grammar (GBNF) works with models run here; for a remote model use --json-schema")
     grammar = None if remote else _grammar_source(grammar_file, json_schema)
@@ -221,7 +224,7 @@ def complete(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbo
         schema = load_schema(json_schema)  # sent as response_format: the server constrains its output
     _sampling_options(defaults, **given)  # a bad flag is a usage error before the model loads
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
-    ref, engine = _open_engine(model, pull, load_options)
+    ref, engine = _open_engine(resolved, pull, load_options)
     # flags > the prompt template's options > the catalogue's for this model > built-in defaults
     catalogue = ref.spec.options if ref.spec else None
     request = completion.CompletionRequest(
