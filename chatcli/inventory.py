@@ -76,6 +76,7 @@ def available_rows(catalogue: Catalogue) -> list[dict]:
     for spec in catalogue.models.values():
         rows.append({
             "name": spec.alias,
+            "kind": spec.kind,
             "repo": spec.repo,
             "default_quant": spec.default_quant,
             "quants": spec.quants,

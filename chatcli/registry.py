@@ -17,8 +17,9 @@ SHIPPED_CATALOGUE = Path(__file__).with_name("models.toml")
 
 _ENTRY_KEYS = {
     "repo", "description", "license", "files", "file_pattern", "quants", "default_quant",
-    "template", "context", "options", "mirrors",
+    "template", "context", "options", "mirrors", "kind",
 }
+KINDS = ("chat", "embedding", "completion")  # what a catalogue model is for (families.py tells it from the file)
 # default sampling per model: any setting but the seed (a fixed seed is a choice for one run, not for a model)
 _OPTION_KEYS = {f.name: f.metadata["kind"] for f in SETTINGS if f.name != "seed"}
 _MIRROR_KEYS = {"type", "quant", "package", "version", "path", "sha256", "size"}
@@ -54,6 +55,7 @@ class ModelSpec:
     options: dict[str, int | float] = field(default_factory=dict)  # default sampling settings for this model
     mirrors: tuple[Mirror, ...] = ()
     source: Path | None = None
+    kind: str = "chat"  # one of KINDS
 
     def file_for(self, quant: str) -> str | None:
         return self.files.get(quant.upper())
@@ -67,6 +69,7 @@ class ModelSpec:
 class Catalogue:
     models: dict[str, ModelSpec]
     default_model: str | None = None
+    default_embedding_model: str | None = None  # what `embed` and `similar` use without -m
 
     def get(self, alias: str) -> ModelSpec | None:
         return self.models.get(alias.lower())
@@ -194,6 +197,9 @@ def _entry(source: Path, alias: str, raw: object) -> ModelSpec:
         if _OPTION_KEYS[key] is int and not isinstance(value, int):
             raise _fail(source, where, f"option {key!r} must be a whole number")
     options = {k: _OPTION_KEYS[k](v) for k, v in options.items()}
+    kind = text("kind", "chat") or "chat"
+    if kind not in KINDS:
+        raise _fail(source, where, f"'kind' must be one of: {', '.join(KINDS)}")
     try:
         replace(SamplingOptions(), **options).validate()
     except InvalidSetting as exc:
@@ -214,6 +220,7 @@ def _entry(source: Path, alias: str, raw: object) -> ModelSpec:
         options=options,
         mirrors=mirrors,
         source=source,
+        kind=kind,
     )
 
 
@@ -241,10 +248,13 @@ def _mirror(source: Path, where: str, raw: object, files: dict[str, str]) -> Mir
                   path=raw["path"], sha256=raw["sha256"], size=size)
 
 
-_loaded: dict[tuple[str, int, int], tuple[dict[str, ModelSpec], str | None]] = {}
+_loaded: dict[tuple[str, int, int], tuple[dict[str, ModelSpec], _Defaults]] = {}
 
 
-def _load_file(source: Path) -> tuple[dict[str, ModelSpec], str | None]:
+_Defaults = dict[str, str]  # "default_model" / "default_embedding_model" -> alias or reference
+
+
+def _load_file(source: Path) -> tuple[dict[str, ModelSpec], _Defaults]:
     """A catalogue file's entries, parsed once per process for each version of the file (size and mtime)."""
     try:
         st = source.stat()
@@ -252,26 +262,34 @@ def _load_file(source: Path) -> tuple[dict[str, ModelSpec], str | None]:
     except OSError:
         key = None
     if key is not None and key in _loaded:
-        models, default = _loaded[key]
-        return dict(models), default
-    models, default = _parse_file(source)
+        models, defaults = _loaded[key]
+        return dict(models), dict(defaults)
+    models, defaults = _parse_file(source)
     if key is not None:
-        _loaded[key] = (dict(models), default)
-    return models, default
+        _loaded[key] = (dict(models), dict(defaults))
+    return models, defaults
 
 
-def _parse_file(source: Path) -> tuple[dict[str, ModelSpec], str | None]:
+_DEFAULT_KEYS = ("default_model", "default_embedding_model")
+
+
+def _parse_file(source: Path) -> tuple[dict[str, ModelSpec], _Defaults]:
     data = _parse_toml(source)
-    unknown = sorted(set(data) - {"models", "default_model"})
+    unknown = sorted(set(data) - {"models", *_DEFAULT_KEYS})
     if unknown:
-        raise CatalogueError(f"{source}: unknown top-level key {unknown[0]!r} (allowed: default_model, models)")
+        raise CatalogueError(f"{source}: unknown top-level key {unknown[0]!r} "
+                             f"(allowed: {', '.join(_DEFAULT_KEYS)}, models)")
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise CatalogueError(f"{source}: 'models' must be a table of [models.NAME] entries")
-    default = data.get("default_model")
-    if default is not None and not isinstance(default, str):
-        raise CatalogueError(f"{source}: 'default_model' must be a string")
-    return {alias.lower(): _entry(source, alias, raw) for alias, raw in models.items()}, default
+    defaults: _Defaults = {}
+    for name in _DEFAULT_KEYS:
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise CatalogueError(f"{source}: '{name}' must be a string")
+        if value:
+            defaults[name] = value
+    return {alias.lower(): _entry(source, alias, raw) for alias, raw in models.items()}, defaults
 
 
 def user_catalogue_path() -> Path:
@@ -280,15 +298,17 @@ def user_catalogue_path() -> Path:
 
 def load_catalogue() -> Catalogue:
     """The shipped catalogue, with the user's entries added on top (a user entry replaces a shipped one)."""
-    models, default = _load_file(SHIPPED_CATALOGUE)
+    models, defaults = _load_file(SHIPPED_CATALOGUE)
     user = user_catalogue_path()
     if user.is_file():
-        user_models, user_default = _load_file(user)
+        user_models, user_defaults = _load_file(user)
         models.update(user_models)
-        default = user_default or default
-    if default is not None and default.lower() not in models and ":" not in default and "/" not in default:
-        raise CatalogueError(f"default_model {default!r} is not in the catalogue")
-    return Catalogue(models=models, default_model=default)
+        defaults.update(user_defaults)
+    for name, value in defaults.items():
+        if value.lower() not in models and ":" not in value and "/" not in value:
+            raise CatalogueError(f"{name} {value!r} is not in the catalogue")
+    return Catalogue(models=models, default_model=defaults.get("default_model"),
+                     default_embedding_model=defaults.get("default_embedding_model"))
 
 
 # ---------------------------------------------------------------- references

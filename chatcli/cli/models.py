@@ -95,7 +95,7 @@ def list_models(as_json: bool, available: bool, endpoint_name: str | None) -> No
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     if available:
-        columns = ["name", "default_quant", "downloaded", "license", "description"]
+        columns = ["name", "kind", "default_quant", "downloaded", "license", "description"]
     else:
         columns = ["reference", "source", "quant", "size", "architecture", "parameters", "context", "last_used"]
     for column in columns:
