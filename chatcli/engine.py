@@ -13,13 +13,13 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from chatcli.errors import ContextOverflowError, ExitCode, GGUFError, ModelLoadError, UsageError
+from chatcli.errors import ChatcliError, ContextOverflowError, ExitCode, GGUFError, ModelLoadError, UsageError
 
 if TYPE_CHECKING:
     from chatcli.cpu_share import CoreShare
@@ -147,6 +147,10 @@ class Engine(Protocol):
     def info(self) -> ModelHeader: ...
     @property
     def add_bos(self) -> bool: ...
+    @property
+    def recurrent(self) -> bool: ...  # its state is only ever extended or restored whole, never cut back
+    @property
+    def encoder_decoder(self) -> bool: ...  # T5-style: each prompt is encoded afresh, nothing is cached
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...
@@ -515,6 +519,7 @@ class LlamaEngine:
         verbose: bool = False,
     ) -> None:
         from chatcli import header_cache
+        from chatcli.families import family as model_family
         from chatcli.gguf_checks import available_memory, check_fits, check_loadable
         from chatcli.gguf_info import read_gguf
 
@@ -529,6 +534,12 @@ class LlamaEngine:
         if n_ctx is not None and n_ctx < 16:
             raise UsageError("invalid value for --ctx-size: must be 16 or more")
         self.info = info
+        self.family = model_family(info)
+        if not self.family.generates:
+            raise UsageError(
+                f"{self.path.name} is an embedding model ({info.architecture}): it turns text into vectors and does "
+                "not write text; use it with `chatcli embed` or `chatcli similar`, and a chat model here"
+            )
         self.n_ctx = choose_context(n_ctx, default_ctx, info.context_length,
                                     kv_bytes_per_token(info.metadata, info.architecture))
         self.n_threads = n_threads or physical_cores()
@@ -546,13 +557,15 @@ class LlamaEngine:
         self.flash_attn = flash_attn
         self.verbose = verbose
         started = time.perf_counter()
+        # llama.cpp encodes a whole input in one ubatch (it aborts otherwise): an encoder's batch is the context
+        batch = self.n_ctx if self.encoder_decoder else min(512, self.n_ctx)
         self._llm = load_llama(
             self.path,
             verbose=verbose,
             label=f"{self.path.name} ({info.architecture})",
             n_ctx=self.n_ctx,
-            n_batch=min(512, self.n_ctx),
-            n_ubatch=min(512, self.n_ctx),
+            n_batch=batch,
+            n_ubatch=batch,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
             n_gpu_layers=self.gpu_layers,
@@ -592,6 +605,19 @@ class LlamaEngine:
     def add_bos(self) -> bool:
         return bool(self._llm._model.add_bos_token())
 
+    @property
+    def recurrent(self) -> bool:
+        """The state cannot be cut back to a shorter prefix (Mamba, RWKV, hybrids): only extended or restored
+        whole, at exactly the position where it was saved."""
+        return self.family.recurrent
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """T5-style: the prompt is encoded, the decoder writes from its start token; nothing is kept between calls."""
+        from chatcli.families import ENCODER_DECODER
+
+        return self.family.name == ENCODER_DECODER
+
     # -------------------------------------------------------- generation
 
     def generate(self, prompt: Sequence[int], options: SamplingOptions) -> Generation:
@@ -605,6 +631,48 @@ class LlamaEngine:
             )
         result = GenerationResult(prompt_tokens=len(prompt))
         return Generation(self._run(prompt, options, result), result)
+
+    def _start(self, prompt: list[int], sampling: dict[str, Any]) -> tuple[Generator[int, Any, None], int]:
+        """llama-cpp-python's token generator for this prompt, and the room left for the reply.
+
+        A decoder reuses the longest prefix the context shares with the prompt (llama-cpp-python cuts the rest).
+        A recurrent state cannot be cut: it is extended when it holds a prefix of the prompt, else started over.
+        An encoder-decoder encodes the prompt, then decodes from the model's decoder-start token.
+        """
+        import llama_cpp
+
+        llm = self._llm
+        if self.encoder_decoder:
+            self._encode(prompt)
+            start = llama_cpp.llama_model_decoder_start_token(llm._model.model)
+            if start < 0:
+                start = llama_cpp.llama_vocab_bos(self._vocab)
+            return llm.generate([start], reset=False, **sampling), self.n_ctx - 1
+        room = self.n_ctx - len(prompt)
+        if self.recurrent:
+            held = self.cached_tokens
+            if held and len(held) < len(prompt) and prompt[: len(held)] == held:
+                return llm.generate(prompt[len(held):], reset=False, **sampling), room
+            if held:
+                self.reset()
+        return llm.generate(prompt, **sampling), room
+
+    def _encode(self, prompt: list[int]) -> None:
+        """Run the encoder over the prompt (ending with the model's EOS, as T5 was trained); the decoder's cache
+        starts empty."""
+        import llama_cpp
+
+        llm = self._llm
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        if llama_cpp.llama_vocab_get_add_eos(self._vocab) and eos >= 0 and prompt[-1] != eos \
+                and len(prompt) < self.n_ctx:
+            prompt = [*prompt, eos]
+        llm.reset()
+        self._llm._ctx.kv_cache_clear()
+        array = (llama_cpp.llama_token * len(prompt))(*prompt)
+        code = llama_cpp.llama_encode(llm._ctx.ctx, llama_cpp.llama_batch_get_one(array, len(prompt)))
+        if code != 0:
+            raise ChatcliError(f"llama.cpp could not encode the prompt (llama_encode returned {code})")
 
     def _grammar(self, source: str | None):  # noqa: ANN202 - a LlamaGrammar, or None
         """A LlamaGrammar, checked first: llama.cpp's sampler crashes on a grammar that does not parse."""
@@ -638,7 +706,6 @@ class LlamaEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(options.stop)
         limit = options.max_tokens
-        room = self.n_ctx - len(prompt)
         parts: list[str] = []
         started = time.perf_counter()
         first_at: float | None = None
@@ -646,15 +713,10 @@ class LlamaEngine:
         sharing = self._share.generating() if self._share is not None else nullcontext(None)
         with sharing as share:
             self._use_threads(share.threads(force=True) if share is not None else self.n_threads)
-            tokens = llm.generate(
-                prompt,
-                top_k=options.top_k,
-                top_p=options.top_p,
-                min_p=options.min_p,
-                temp=options.temperature,
-                repeat_penalty=options.repeat_penalty,
-                grammar=grammar,
-            )
+            tokens, room = self._start(prompt, {
+                "top_k": options.top_k, "top_p": options.top_p, "min_p": options.min_p,
+                "temp": options.temperature, "repeat_penalty": options.repeat_penalty, "grammar": grammar,
+            })
             try:
                 stopped = limit == 0
                 for token in ([] if stopped else tokens):
@@ -710,7 +772,10 @@ class LlamaEngine:
 
     @property
     def cached_tokens(self) -> list[int]:
-        """The tokens whose keys and values are in the context now (what a snapshot would hold)."""
+        """The tokens whose keys and values are in the context now (what a snapshot would hold); none for an
+        encoder-decoder, whose context holds its last reply, not a prompt."""
+        if self.encoder_decoder:
+            return []
         return [int(t) for t in self._llm.input_ids[: self._llm.n_tokens]]
 
     def claim_state(self) -> None:
@@ -742,6 +807,8 @@ class LlamaEngine:
                           min(len(tokens), len(keep)))
             if common < max(1, min_tokens):
                 return None
+            if common < len(tokens) and self.recurrent:
+                return None  # a recurrent state cannot be cut back to the prefix: no snapshot this time
             if common < len(tokens):
                 self._llm._ctx.kv_cache_seq_rm(-1, common, -1)
                 self._llm.n_tokens = common
@@ -802,9 +869,11 @@ class LlamaEngine:
         self._llm._ctx.kv_cache_clear()
 
     def truncate(self, n_tokens: int) -> None:
-        """Keep only the first n_tokens of the context."""
+        """Keep only the first n_tokens of the context (a recurrent state cannot be cut: it is reset)."""
         self.wait_state()
-        if n_tokens < self._llm.n_tokens:
+        if n_tokens < self._llm.n_tokens and (self.recurrent or self.encoder_decoder):
+            self.reset()
+        elif n_tokens < self._llm.n_tokens:
             self._llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
             self._llm.n_tokens = n_tokens
 

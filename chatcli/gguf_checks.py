@@ -44,7 +44,7 @@ SPECIAL_TOKEN_KEYS = tuple(
 )
 
 DAMAGED = "the file is damaged or hostile; download it again or use another file"
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.")
+_BLOCK_RE = re.compile(r"(enc\.|dec\.)?blk\.(\d+)\.")  # encoder-decoders (T5) number enc. and dec. blocks apart
 # Architectures whose graph asserts that the head size is embedding_length / head_count (gpt2.cpp:61, found by
 # fuzzing; others may too, and then the engine's abort handler reports it).
 FIXED_HEAD_SIZE = frozenset({"gpt2"})
@@ -306,20 +306,26 @@ def _check_tensors(c: _Checker, hp: dict[str, object], n_vocab: int | None) -> N
             return
     layers = hp["layers"]
     if isinstance(layers, int):
-        blocks: set[int] = set()
+        blocks: dict[str, set[int]] = {}
+        # T5's decoder may have its own depth (llama.cpp reads {arch}.decoder_block_count, else block_count)
+        decoder_layers = _int(c.meta.get(c.key("decoder_block_count"))) or layers
         for name in shapes:
             m = _BLOCK_RE.match(name)
             if m:
-                index = int(m.group(1))
-                blocks.add(index)
-                if index >= layers:
+                part, index = m.group(1) or "", int(m.group(2))
+                blocks.setdefault(part, set()).add(index)
+                count, key = (decoder_layers, "decoder_block_count") if part == "dec." else (layers, "block_count")
+                if index >= count:
                     c.add(f"tensor {name}", None, shown=f"in block {index}",
-                          why=f"{c.key('block_count')} is {layers}, so blocks end at {layers - 1}")
+                          why=f"{c.key(key)} is {count}, so blocks end at {count - 1}")
                     return
-        missing = sorted(set(range(layers)) - blocks)
-        if missing:
-            c.add(c.key("block_count"), layers, f"block {missing[0]} has no tensors (blk.{missing[0]}.*)")
-            return
+        for part, found in sorted(blocks.items()) or [("", set())]:
+            count = decoder_layers if part == "dec." else layers
+            missing = sorted(set(range(count)) - found)
+            if missing:
+                c.add(c.key("decoder_block_count" if part == "dec." else "block_count"), count,
+                      f"block {missing[0]} has no tensors ({part}blk.{missing[0]}.*)")
+                return
     embd = hp["embd"]
     if not isinstance(embd, int):
         return

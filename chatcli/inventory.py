@@ -102,6 +102,7 @@ def _revision(model: store.LocalModel | None, spec: ModelSpec | None) -> str | N
 
 def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
     from chatcli.engine import choose_context, kv_bytes_per_token
+    from chatcli.families import POOLING_NAMES, family
     from chatcli.gguf_checks import available_memory, find_problems
 
     path, model = resolve_present(ref)
@@ -113,10 +114,13 @@ def describe(ref: ModelRef, catalogue: Catalogue) -> dict:
     n_ctx = choose_context(None, spec.context if spec else None, info.context_length,
                            kv_bytes_per_token(meta, arch))
     problems = [str(p) for p in find_problems(info, n_ctx=n_ctx, memory=available_memory())]
+    kind = family(info)
     return {
         "model": ref.display,
         "description": spec.description if spec else None,
+        "family": kind.describe(),
         "architecture": info.architecture,
+        "pooling": POOLING_NAMES.get(kind.pooling) if kind.pooling is not None else None,
         "name": info.name,
         "parameters": info.n_params,
         "quant": info.file_type,

@@ -269,6 +269,7 @@ class QuantRow:
     files: tuple[str, ...]
     size: int
     architecture: str | None = None
+    family: str | None = None  # families.py: decoder, embedding, recurrent, encoder-decoder
     parameters: int | None = None
     context_length: int | None = None
     chat_template: bool | None = None
@@ -302,6 +303,7 @@ class RepoReport:
 def _describe(repo: str, candidate: quants.Candidate, entries: dict[str, hub.RepoEntry], revision: str,
               context: int | None, budget: Budget) -> QuantRow:
     from chatcli.engine import choose_context, kv_bytes_per_token
+    from chatcli.families import family
     from chatcli.gguf_checks import estimate_load_bytes, find_problems
 
     parts = [entries[name] for name in candidate.files]
@@ -331,7 +333,7 @@ def _describe(repo: str, candidate: quants.Candidate, entries: dict[str, hub.Rep
     _, kv = estimate_load_bytes(info, n_ctx)
     return QuantRow(
         quant=candidate.quant or info.file_type, files=candidate.files, size=size, architecture=info.architecture,
-        parameters=params, context_length=info.context_length, chat_template=bool(info.chat_template),
+        family=family(info).name, parameters=params, context_length=info.context_length, chat_template=bool(info.chat_template),
         n_ctx=n_ctx, weights=weights, kv_cache=kv, fit=verdict(weights + kv, budget.total), fetched=fetched,
     )
 

@@ -11,6 +11,9 @@ prefix search, and a newer one for the conversation deletes the older (only the 
 Those are written off the path between a reply and the next prompt (save_later): the chat thread claims the
 context, a writer thread copies its state into memory, lets the context go (the next generation waits for
 that copy only, a few ms), then compresses, hashes and writes the file while the user types.
+
+A recurrent model's state (Mamba, RWKV) cannot be cut back to a shorter prefix: it is saved only where the
+context holds exactly the prefix wanted, and restored only at that position, then extended.
 """
 
 from __future__ import annotations
@@ -325,9 +328,13 @@ class SnapshotStore:
         engine is reset. Either way the caller's prefill then gives the right answer.
         """
         tokens = [int(t) for t in tokens]
+        recurrent = engine.recurrent
         for n, stem in self._candidates(model_id, engine.n_ctx, _flash(engine), tokens):
             live = engine.cached_tokens  # again after each failure: a failed load resets the engine
-            if live[:n] == tokens[:n]:
+            # a KV cache is cut back to the shared prefix; a recurrent state is usable only whole, as a prefix
+            usable = live[:n] == tokens[:n] if not recurrent else \
+                len(live) >= n and live == tokens[: len(live)]
+            if usable:
                 return 0
             if self._load(engine, stem, tokens[:n], model_id):
                 return n

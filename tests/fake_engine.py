@@ -38,6 +38,8 @@ class FakeEngine:
     load_seconds: float = 0.0
     info: FakeInfo = field(default_factory=FakeInfo)
     add_bos: bool = False
+    recurrent: bool = False
+    encoder_decoder: bool = False
     prompts: list[str] = field(default_factory=list)  # every prompt it was asked to continue, as text
     chunk_hook: object = None  # called after each chunk (tests raise KeyboardInterrupt from it)
     cache: list[int] = field(default_factory=list)  # the tokens "in the KV cache"

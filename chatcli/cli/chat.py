@@ -74,6 +74,13 @@ def start(
             if chat_template:
                 console.warn(f"--chat-template does not apply to {ref.display}: the server uses its own")
             return engine, ChatFormat(name="the server's", source=""), ref.display, "", {}
+        if engine.encoder_decoder and not engine.info.chat_template and not chat_template:
+            from chatcli.errors import UsageError
+
+            engine.close()
+            raise UsageError(f"{ref.display} is an encoder-decoder model ({engine.info.architecture}) without a chat "
+                             "template: it answers single prompts; use `chatcli complete -m "
+                             f"{ref.display} \"...\"` (or give chat a --chat-template)")
         fmt, warning = chat_format(engine, ref, chat_template)
         if warning:
             console.warn(warning)

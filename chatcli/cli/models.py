@@ -105,6 +105,13 @@ def list_models(as_json: bool, available: bool, endpoint_name: str | None) -> No
     console.print_table(table)
 
 
+def _arch_cell(architecture: str | None, family: str | None) -> str:
+    """"llama", or "bert (embedding)" for a model that is not a decoder-only transformer."""
+    if not architecture:
+        return "-"
+    return architecture if family in (None, "decoder") else f"{architecture} ({family})"
+
+
 def _list_remote(name: str, as_json: bool) -> None:
     """`list --endpoint NAME`: the server's /v1/models, as @NAME/MODEL_ID references."""
     from chatcli import endpoints
@@ -277,7 +284,7 @@ def _show_remote(model_ref: ModelRef, as_json: bool) -> None:
             table.add_row(quant, console.size(r.size), "-", "-", "-", "-", "-", "refused")
             continue
         memory = f"{console.size(r.memory)} @ {r.n_ctx:,}" if r.n_ctx else console.size(r.memory)
-        table.add_row(quant, console.size(r.size), r.architecture or "-", console.count(r.parameters),
+        table.add_row(quant, console.size(r.size), _arch_cell(r.architecture, r.family), console.count(r.parameters),
                       f"{r.context_length:,}" if r.context_length else "-", "yes" if r.chat_template else "no",
                       memory, r.fit)
     console.print_table(table)
