@@ -576,6 +576,9 @@ class LlamaEngine:
         self._vocab = self._llm._model.vocab
         self._threads_now = self.n_threads
         self._pieces: dict[int, bytes] = {}
+        # a recurrent model's state just after its last prompt was read: what a later prompt can go on from when
+        # the reply does not re-tokenise as it was generated (the live state then holds no prefix of it)
+        self._prompt_state: tuple[list[int], bytearray] | None = None
 
     # -------------------------------------------------------- tokens
 
@@ -651,11 +654,36 @@ class LlamaEngine:
         room = self.n_ctx - len(prompt)
         if self.recurrent:
             held = self.cached_tokens
-            if held and len(held) < len(prompt) and prompt[: len(held)] == held:
-                return llm.generate(prompt[len(held):], reset=False, **sampling), room
+            if not (held and len(held) < len(prompt) and prompt[: len(held)] == held):
+                saved = self._prompt_state
+                if saved and len(saved[0]) < len(prompt) and prompt[: len(saved[0])] == saved[0]:
+                    self._set_state(*saved)
+                elif held:
+                    self.reset()
+            held = self.cached_tokens
             if held:
-                self.reset()
+                return llm.generate(prompt[len(held):], reset=False, **sampling), room
         return llm.generate(prompt, **sampling), room
+
+    def _set_state(self, tokens: list[int], data: bytearray) -> None:
+        """Put back a state copied by state_file_bytes (same model, same context)."""
+        import struct
+
+        import llama_cpp
+
+        head = struct.calcsize(f"<III{len(tokens)}i")
+        size = len(data) - head
+        window = (ctypes.c_uint8 * size).from_buffer(data, head)
+        try:
+            read = llama_cpp.llama_state_set_data(self._llm._ctx.ctx, window, size)
+        finally:
+            del window
+        if read != size:
+            self.reset()
+            return
+        self._llm.input_ids[: len(tokens)] = tokens
+        self._llm.n_tokens = len(tokens)
+        self._llm._requires_eval = True
 
     def _encode(self, prompt: list[int]) -> None:
         """Run the encoder over the prompt (ending with the model's EOS, as T5 was trained); the decoder's cache
@@ -670,7 +698,8 @@ class LlamaEngine:
         llm.reset()
         self._llm._ctx.kv_cache_clear()
         array = (llama_cpp.llama_token * len(prompt))(*prompt)
-        code = llama_cpp.llama_encode(llm._ctx.ctx, llama_cpp.llama_batch_get_one(array, len(prompt)))
+        with _quiet_fds(self.verbose):  # llama.cpp notes that it marks every input token an output
+            code = llama_cpp.llama_encode(llm._ctx.ctx, llama_cpp.llama_batch_get_one(array, len(prompt)))
         if code != 0:
             raise ChatcliError(f"llama.cpp could not encode the prompt (llama_encode returned {code})")
 
@@ -726,6 +755,8 @@ class LlamaEngine:
                     if first_at is None:
                         first_at = now
                         result.prompt_seconds = now - started
+                        if self.recurrent:  # the prompt is read, the first token not yet: a few MB to copy
+                            self._prompt_state = self.state_file_bytes()
                     result.decode_seconds = now - first_at
                     if self.is_end_of_generation(token):
                         break
@@ -808,7 +839,11 @@ class LlamaEngine:
             if common < max(1, min_tokens):
                 return None
             if common < len(tokens) and self.recurrent:
-                return None  # a recurrent state cannot be cut back to the prefix: no snapshot this time
+                # a recurrent state cannot be cut back: the copy taken when the last prompt was read, if it fits
+                saved = self._prompt_state
+                if saved and max(1, min_tokens) <= len(saved[0]) <= len(keep) and keep[: len(saved[0])] == saved[0]:
+                    return saved
+                return None
             if common < len(tokens):
                 self._llm._ctx.kv_cache_seq_rm(-1, common, -1)
                 self._llm.n_tokens = common
@@ -867,6 +902,7 @@ class LlamaEngine:
         self.wait_state()
         self._llm.reset()
         self._llm._ctx.kv_cache_clear()
+        self._prompt_state = None
 
     def truncate(self, n_tokens: int) -> None:
         """Keep only the first n_tokens of the context (a recurrent state cannot be cut: it is reset)."""
