@@ -13,6 +13,7 @@ from chatcli.errors import ModelNotPresentError, UsageError
 from chatcli.registry import ModelRef, load_catalogue, parse_ref
 
 if TYPE_CHECKING:
+    from chatcli.embedding import Embedder
     from chatcli.remote import RemoteEngine
 
 
@@ -103,3 +104,22 @@ def load(ref: ModelRef, path: Path, options: LoadOptions) -> LlamaEngine:
     )
     store.mark_used(path)
     return engine
+
+
+def open_embedder(ref: ModelRef, path: Path, options: LoadOptions, *, ctx_size: int | None = None) -> Embedder:
+    """An Embedder for the file (header checked; weights load on first use). Only `ctx_size` given here sets the
+    longest text: the configured ctx_size is a chat window. The catalogue's context counts for embedding models."""
+    from chatcli.embedding import Embedder
+
+    spec = ref.spec
+    embedder = Embedder(
+        path,
+        ctx_size=ctx_size,
+        default_ctx=spec.context if spec is not None and spec.kind == "embedding" else None,
+        threads=options.threads,
+        gpu_layers=options.gpu_layers,
+        flash_attn=options.flash_attn,
+        verbose=options.verbose,
+    )
+    store.mark_used(path)
+    return embedder

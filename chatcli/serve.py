@@ -50,6 +50,7 @@ from chatcli.errors import ChatcliError, ContextOverflowError, TemplateError, Us
 if TYPE_CHECKING:
     from chatcli.chat_templates import ChatFormat
     from chatcli.registry import ModelRef
+    from chatcli.serve_embeddings import ServedEmbedder
 
 Log = Callable[[str], None]
 EventKind = Literal["text", "done", "error"]
@@ -586,12 +587,14 @@ class JobResponse(Response):
 class Server:
     """The HTTP application over the models loaded at start."""
 
-    def __init__(self, models: Sequence[ServedModel], settings: ServeSettings, log: Log) -> None:
-        if not models:
+    def __init__(self, models: Sequence[ServedModel], settings: ServeSettings, log: Log,
+                 embedders: Sequence[ServedEmbedder] = ()) -> None:
+        if not models and not embedders:
             raise UsageError("no model to serve")
         if not settings.api_key and not is_loopback(settings.host):
             raise UsageError(f"refusing to listen on {settings.host} without an API key")
         self.models = {m.id: m for m in models}
+        self.embedders = {m.id: m for m in embedders}
         self.settings = settings
         self.log = log
         self._key = settings.api_key.encode() if settings.api_key else None
@@ -602,6 +605,7 @@ class Server:
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
         ]
         middleware = []
@@ -615,6 +619,8 @@ class Server:
     def close(self) -> None:
         for model in self.models.values():
             model.worker.close()
+        for embedder in self.embedders.values():
+            embedder.close()
 
     # -------------------------------------------------------- checks
 
@@ -660,34 +666,74 @@ class Server:
             raise _bad("the body must be a JSON object", code="invalid_json")
         return body
 
-    def _model(self, body: dict[str, Any]) -> ServedModel:
+    def _name(self, body: dict[str, Any]) -> str | None:
         name = body.get("model")
-        if name is None:
-            return next(iter(self.models.values()))  # a single-model server needs no name (curl users)
-        if not isinstance(name, str):
+        if name is not None and not isinstance(name, str):
             raise _bad("'model' must be a string", param="model")
-        model = self.models.get(name)
-        if model is None:
-            served = ", ".join(self.models)
+        if name is not None and name not in self.models and name not in self.embedders:
+            served = ", ".join([*self.models, *self.embedders])
             raise ApiError(404, f"model {name!r} is not served here; this server serves: {served}",
                            param="model", code="model_not_found")
-        return model
+        return name
+
+    def _model(self, body: dict[str, Any]) -> ServedModel:
+        """The generating model a completion asks for (the only one, when it names none)."""
+        name = self._name(body)
+        if name is None and self.models:
+            return next(iter(self.models.values()))  # a single-model server needs no name (curl users)
+        if name is None or name in self.embedders:
+            what = f"{name} is an embedding model" if name else "this server serves only embedding models"
+            raise _bad(f"{what}: it gives vectors (POST /v1/embeddings), not text", param="model",
+                       code="model_not_supported")
+        return self.models[name]
+
+    def _embedder(self, body: dict[str, Any]) -> ServedEmbedder:
+        name = self._name(body)
+        if name is None and self.embedders:
+            return next(iter(self.embedders.values()))
+        if name is None or name in self.models:
+            what = f"{name} is not an embedding model" if name else "no embedding model is served here"
+            raise _bad(f"{what}: serve one for /v1/embeddings, e.g. `chatcli serve -m smollm2 -m all-minilm`",
+                       param="model", code="model_not_supported")
+        return self.embedders[name]
 
     # -------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    def _model_entry(self, model: ServedModel) -> dict[str, Any]:
+    def _model_entry(self, model: ServedModel | ServedEmbedder) -> dict[str, Any]:
         return {"id": model.id, "object": "model", "created": model.created, "owned_by": "chatcli"}
 
     async def list_models(self, request: Request) -> Response:
         self._check(request)
-        return JSONResponse({"object": "list", "data": [self._model_entry(m) for m in self.models.values()]})
+        entries = [self._model_entry(m) for m in self.models.values()]
+        entries += [self._model_entry(m) for m in self.embedders.values()]
+        return JSONResponse({"object": "list", "data": entries})
 
     async def get_model(self, request: Request) -> Response:
         self._check(request)
-        return JSONResponse(self._model_entry(self._model({"model": request.path_params["model_id"]})))
+        name = self._name({"model": request.path_params["model_id"]})
+        assert name is not None
+        return JSONResponse(self._model_entry(self.models.get(name) or self.embedders[name]))
+
+    async def embeddings(self, request: Request) -> Response:
+        from chatcli import serve_embeddings
+
+        body = await self._json_body(request)
+        model = self._embedder(body)
+        started = time.monotonic()
+        try:
+            wanted = serve_embeddings.parse(body)
+            answer = await anyio.to_thread.run_sync(serve_embeddings.embed, model, wanted)
+        except serve_embeddings.EmbeddingRequestError as exc:
+            raise _bad(str(exc), param=exc.param) from None
+        except ContextOverflowError as exc:
+            raise _bad(str(exc), param="input", code="context_length_exceeded") from None
+        if self.settings.log_requests:
+            self.log(f"{request.method} {request.url.path} {model.id} 200 {len(answer['data'])} inputs, "
+                     f"{answer['usage']['prompt_tokens']} tokens {time.monotonic() - started:.2f}s")
+        return JSONResponse(answer)
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._json_body(request)

@@ -13,6 +13,8 @@ import click
 from chatcli.cli.run import _load_options
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from chatcli.registry import ModelRef
     from chatcli.serve import ServedModel
 
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 def serve(models: tuple[str, ...], host: str, port: int, api_key: str | None, pull: bool, max_waiting: int,
           cors_origins: tuple[str, ...], ctx_size: int | None, threads: int | None, gpu_layers: str | None,
           flash_attn: bool | None, verbose: bool) -> None:
-    """Serve models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+    """Serve models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models;
+    /v1/embeddings for embedding models).
 
     \b
     Models load once and stay warm; each serves one request at a time, the rest wait in arrival order.
@@ -51,6 +54,7 @@ def serve(models: tuple[str, ...], host: str, port: int, api_key: str | None, pu
     from chatcli import serve as server_lib
     from chatcli.cli import console
     from chatcli.errors import UsageError
+    from chatcli.serve_embeddings import ServedEmbedder
 
     api_key = api_key or None
     if not api_key and not server_lib.is_loopback(host):
@@ -73,35 +77,56 @@ def serve(models: tuple[str, ...], host: str, port: int, api_key: str | None, pu
     sock = server_lib.bind(host, port)
 
     served: list[ServedModel] = []
+    embedders: list[ServedEmbedder] = []
     try:
         for (model_id, ref), path in zip(wanted, paths, strict=True):
-            engine = loading.load(ref, path, load_options)
             file = "" if path.name == model_id else f" ({path.name})"
+            if _is_embedding_model(path):  # served on /v1/embeddings
+                embedder = loading.open_embedder(ref, path, load_options, ctx_size=ctx_size)
+                embedder.load()
+                console.info(f"loaded {model_id}{file} in {embedder.load_seconds:.2f}s: embeddings, "
+                             f"{embedder.width} dimensions, {embedder.pooling_name} pooling, texts up to "
+                             f"{embedder.max_tokens} tokens")
+                embedders.append(ServedEmbedder(model_id, ref, embedder))
+                continue
+            engine = loading.load(ref, path, load_options)
             console.info(f"loaded {model_id}{file} in {engine.load_seconds:.2f}s: ctx {engine.n_ctx}, "
                          f"{engine.n_threads} threads")
             served.append(server_lib.serve_model(model_id, ref, engine, max_waiting=max_waiting,
                                                  log=console.info))
         settings = server_lib.ServeSettings(host=host, api_key=api_key, cors_origins=cors_origins,
                                             log_requests=verbose)
-        server = server_lib.Server(served, settings, log=console.info)
+        server = server_lib.Server(served, settings, log=console.info, embedders=embedders)
     except BaseException:
         sock.close()
         for model in served:
             model.worker.close()
+        for embedding_model in embedders:
+            embedding_model.close()
         raise
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
 
     def ready() -> None:
         key = " (API key required)" if api_key else ""
-        console.info(f"serving {', '.join(model.id for model in served)} at http://{shown}:{bound_port}/v1{key}; "
-                     "Ctrl-C stops")
+        names = [model.id for model in served] + [f"{model.id} (embeddings)" for model in embedders]
+        console.info(f"serving {', '.join(names)} at http://{shown}:{bound_port}/v1{key}; Ctrl-C stops")
 
     try:
         server_lib.run(server, sock, on_ready=ready)
     finally:
         for model in served:
             model.engine.close()
+        for embedding_model in embedders:
+            embedding_model.close()
+
+
+def _is_embedding_model(path: Path) -> bool:
+    from chatcli import header_cache
+    from chatcli.families import EMBEDDING, family
+    from chatcli.gguf_info import read_gguf
+
+    return family(header_cache.lookup(path) or read_gguf(path)).name == EMBEDDING
 
 
 COMMANDS = [serve]
