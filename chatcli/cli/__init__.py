@@ -22,7 +22,7 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 error, 2 usage error, 3 context overflow,
 class _Group(click.Group):
     aliases = {"ls": "list"}
 
-    order = ("chat", "complete", "serve", "pull", "list", "show", "doctor", "rm", "endpoint", "bench", "history",
+    order = ("chat", "complete", "embed", "similar", "classify", "serve", "pull", "list", "show", "doctor", "rm", "endpoint", "bench", "history",
              "templates", "config", "cache")
 
     # command -> the chatcli.cli module that defines it (in its COMMANDS): only the module of the command that
@@ -32,6 +32,7 @@ class _Group(click.Group):
         "pull": "models", "list": "models", "show": "models", "rm": "models",
         "config": "manage", "history": "manage", "templates": "manage", "cache": "manage",
         "endpoint": "endpoint", "doctor": "doctor",
+        "embed": "embed", "similar": "embed", "classify": "classify",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
