@@ -14,12 +14,15 @@ from chatcli.engine import SETTINGS, InvalidSetting, SamplingOptions
 _SHORT_FLAGS = {"max_tokens": "-n"}
 
 
-def model_options(func):  # noqa: ANN001, ANN201 - a click decorator
-    """Options shared by every command that loads a model."""
+def model_options(func=None, *, default="`chatcli config show`",  # noqa: ANN001, ANN201 - a click decorator
+                  ctx_help="Context window in tokens (default: the model's, capped)."):
+    """Options shared by every command that loads a model (`@model_options`, or `@model_options(default=...)`)."""
+    if func is None:
+        return lambda f: model_options(f, default=default, ctx_help=ctx_help)
     options = [
-        click.option("-m", "--model", "model", metavar="REF", help="Model to use (default: `chatcli config show`)."),
+        click.option("-m", "--model", "model", metavar="REF", help=f"Model to use (default: {default})."),
         click.option("--pull", "pull", is_flag=True, help="Download the model first if it is missing."),
-        click.option("-c", "--ctx-size", type=int, help="Context window in tokens (default: the model's, capped)."),
+        click.option("-c", "--ctx-size", type=int, help=ctx_help),
         click.option("--threads", type=int, help="CPU threads (default: the physical cores, shared with other "
                      "chatcli processes generating at once)."),
         click.option("--gpu-layers", default=None, metavar="auto|all|N", help="Layers to offload to the GPU."),
