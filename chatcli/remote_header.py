@@ -333,7 +333,8 @@ def _describe(repo: str, candidate: quants.Candidate, entries: dict[str, hub.Rep
     _, kv = estimate_load_bytes(info, n_ctx)
     return QuantRow(
         quant=candidate.quant or info.file_type, files=candidate.files, size=size, architecture=info.architecture,
-        family=family(info).name, parameters=params, context_length=info.context_length, chat_template=bool(info.chat_template),
+        family=family(info).name, parameters=params, context_length=info.context_length,
+        chat_template=bool(info.chat_template),
         n_ctx=n_ctx, weights=weights, kv_cache=kv, fit=verdict(weights + kv, budget.total), fetched=fetched,
     )
 

@@ -247,3 +247,41 @@ def test_t5_with_a_chat_template_chats(chatcli, models_dir: Path) -> None:
     path = make_t5(models_dir / "tiny-t5-chatml.gguf", chat_template=CHATML_TEMPLATE)
     result = chatcli("chat", "-m", str(path), input="/set temperature 0\n/set max_tokens 5\nhello\nthe cat\n")
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- embedding models do not write text
+
+
+@pytest.fixture(scope="session")
+def bert_for_refusal(models_dir: Path) -> Path:
+    from ggufgen_bert import make_bert
+
+    return make_bert(models_dir / "tiny-bert-refusal.gguf")
+
+
+@pytest.mark.parametrize("command", [["complete", "hello"], ["chat"]])
+def test_an_embedding_model_given_to_complete_or_chat_says_what_it_is_for(chatcli, bert_for_refusal: Path,
+                                                                          command: list[str]) -> None:
+    result = chatcli(command[0], "-m", str(bert_for_refusal), *command[1:], input="hello\n")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert "embedding model (bert)" in line and "chatcli embed" in line
+    assert family(read_gguf(bert_for_refusal)).describe().startswith("embedding (bert)")
+
+
+def test_classify_on_a_recurrent_model_scores_each_line_as_if_alone(chatcli, tiny_mamba: Path) -> None:
+    """classify reuses the prompt's cache between labels and lines; a recurrent state must be re-read, not cut."""
+    lines = ["hello world", "the river in the morning", "snow"]
+    together = chatcli("classify", "-m", str(tiny_mamba), "-l", "yes", "-l", "no", "--json",
+                       input="\n".join(lines) + "\n")
+    assert together.returncode == 0, together.stderr
+    rows = [json.loads(line) for line in together.stdout.splitlines()]
+    assert [r["text"] for r in rows] == lines
+    for row in rows:
+        assert row["label"] in ("yes", "no") and abs(sum(row["probabilities"].values()) - 1) < 0.01
+        alone = chatcli("classify", "-m", str(tiny_mamba), "-l", "yes", "-l", "no", "--json", row["text"])
+        assert alone.returncode == 0, alone.stderr
+        answer = json.loads(alone.stdout)
+        assert answer["uncalibrated"] == pytest.approx(row["uncalibrated"], abs=1e-4)
+        assert answer["probabilities"] == pytest.approx(row["probabilities"], abs=1e-4)

@@ -22,7 +22,8 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 error, 2 usage error, 3 context overflow,
 class _Group(click.Group):
     aliases = {"ls": "list"}
 
-    order = ("chat", "complete", "embed", "similar", "classify", "serve", "pull", "list", "show", "doctor", "rm", "endpoint", "bench", "history",
+    order = ("chat", "complete", "embed", "similar", "classify", "serve", "pull",
+             "list", "show", "doctor", "rm", "endpoint", "bench", "history",
              "templates", "config", "cache")
 
     # command -> the chatcli.cli module that defines it (in its COMMANDS): only the module of the command that

@@ -187,22 +187,27 @@ def templates_edit(name: str) -> None:
     console.info(f"saved {path}")
 
 
-# ---------------------------------------------------------------- snapshots cache
+# ---------------------------------------------------------------- caches: snapshots, embeddings
 
 
 @click.group("cache")
 def cache_group() -> None:
-    """Conversation state snapshots (so `chat --continue` does not re-read the whole history)."""
+    """Conversation state snapshots (so `chat --continue` does not re-read the whole history), and computed
+    embeddings (so `similar` over the same lines does not run the model again)."""
 
 
 @cache_group.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def cache_info(as_json: bool) -> None:
-    """How many snapshots, how much disk they take, and the cap."""
+    """How many snapshots and embeddings, how much disk they take, and the cap."""
     from chatcli.cli import console
+    from chatcli.embed_cache import EmbeddingCache
     from chatcli.snapshots import SnapshotStore
 
     info = SnapshotStore().info()
+    with EmbeddingCache() as embeddings:
+        stats = embeddings.stats()
+    info |= {"embeddings": stats.rows, "embeddings_bytes": stats.bytes, "embeddings_path": str(stats.path)}
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -213,11 +218,17 @@ def cache_info(as_json: bool) -> None:
 
 @cache_group.command("clear")
 def cache_clear() -> None:
-    """Delete every snapshot."""
+    """Delete every snapshot and every cached embedding."""
     from chatcli.cli import console
+    from chatcli.embed_cache import EmbeddingCache
     from chatcli.snapshots import SnapshotStore
 
-    console.info(f"freed {console.size(SnapshotStore().clear())}")
+    freed = SnapshotStore().clear()
+    with EmbeddingCache() as embeddings:
+        before = embeddings.stats().bytes
+        rows = embeddings.clear()
+        freed += max(0, before - embeddings.stats().bytes)
+    console.info(f"freed {console.size(freed)} (snapshots, and {rows:,} cached embeddings)")
 
 
 COMMANDS = [config_group, history_group, templates_group, cache_group]
