@@ -108,20 +108,10 @@ class Embedder:
         verbose: bool = False,
         batch_tokens: int = BATCH_TOKENS,
     ) -> None:
-        from chatcli import header_cache
-        from chatcli.gguf_checks import check_loadable
-        from chatcli.gguf_info import read_gguf
+        from chatcli.engine import checked_header
 
         self.path = Path(path)
-        known = header_cache.lookup(self.path)
-        info = known or read_gguf(self.path)  # bounds-checked: a hostile header never reaches llama.cpp
-        if info.split and info.split[0] != 0:
-            raise GGUFError(f"{self.path}: this is part {info.split[0] + 1} of a split model; open the first part")
-        if not info.architecture:
-            raise GGUFError(f"{self.path}: no general.architecture in the GGUF header; not a model file")
-        if known is None:
-            check_loadable(info)
-            header_cache.remember(info)
+        info = checked_header(self.path)
         if ctx_size is not None and ctx_size < 16:
             raise UsageError("invalid value for --ctx-size: must be 16 or more")
         self.info = info

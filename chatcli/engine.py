@@ -23,6 +23,7 @@ from chatcli.errors import ChatcliError, ContextOverflowError, ExitCode, GGUFErr
 
 if TYPE_CHECKING:
     from chatcli.cpu_share import CoreShare
+    from chatcli.gguf_info import GGUFInfo
 
 FinishReason = Literal["stop", "length", "context", "interrupted"]
 
@@ -504,6 +505,25 @@ def choose_context(requested: int | None, default: int | None, n_ctx_train: int 
     return max(16, int(n_ctx))
 
 
+def checked_header(path: Path) -> GGUFInfo:
+    """The file's header, read with bounds checks and its values checked (gguf_checks) before llama.cpp sees it;
+    a file that passed before is known by its identity (header_cache) and not checked again."""
+    from chatcli import header_cache
+    from chatcli.gguf_checks import check_loadable
+    from chatcli.gguf_info import read_gguf
+
+    known = header_cache.lookup(path)
+    info = known or read_gguf(path)  # bounds-checked: a hostile header never reaches llama.cpp
+    if info.split and info.split[0] != 0:
+        raise GGUFError(f"{path}: this is part {info.split[0] + 1} of a split model; open the first part")
+    if not info.architecture:
+        raise GGUFError(f"{path}: no general.architecture in the GGUF header; not a model file")
+    if known is None:
+        check_loadable(info)  # values llama.cpp would abort on
+        header_cache.remember(info)
+    return info
+
+
 class LlamaEngine:
     """A GGUF model loaded once in llama.cpp, mmap'd."""
 
@@ -518,19 +538,12 @@ class LlamaEngine:
         flash_attn: bool = True,
         verbose: bool = False,
     ) -> None:
-        from chatcli import header_cache
         from chatcli.families import family as model_family
-        from chatcli.gguf_checks import available_memory, check_fits, check_loadable
-        from chatcli.gguf_info import read_gguf
+        from chatcli.gguf_checks import available_memory, check_fits
 
         self.path = Path(path)
         self._claim = threading.Lock()  # held while another thread copies the context's state (snapshots)
-        known = header_cache.lookup(self.path)  # this very file passed every value check before
-        info = known or read_gguf(self.path)  # bounds-checked: a hostile header never reaches llama.cpp
-        if info.split and info.split[0] != 0:
-            raise GGUFError(f"{self.path}: this is part {info.split[0] + 1} of a split model; open the first part")
-        if not info.architecture:
-            raise GGUFError(f"{self.path}: no general.architecture in the GGUF header; not a model file")
+        info = checked_header(self.path)
         if n_ctx is not None and n_ctx < 16:
             raise UsageError("invalid value for --ctx-size: must be 16 or more")
         self.info = info
@@ -541,16 +554,13 @@ class LlamaEngine:
                 "not write text; use it with `chatcli embed` or `chatcli similar`, and a chat model here"
             )
         self.n_ctx = choose_context(n_ctx, default_ctx, info.context_length,
-                                    kv_bytes_per_token(info.metadata, info.architecture))
+                                    kv_bytes_per_token(info.metadata, info.architecture or ""))
         self.n_threads = n_threads or physical_cores()
         # threads not fixed by the user: share the cores with other chatcli engines generating now
         self._share = None if n_threads else _core_share(self.n_threads)
         self.gpu_layers = resolve_gpu_layers(gpu_layers)
-        # Values llama.cpp would abort on, and a load that cannot fit in memory (weights that go to a GPU
-        # are not counted against RAM, so the memory estimate is skipped then).
-        if known is None:
-            check_loadable(info)
-            header_cache.remember(info)
+        # A load that cannot fit in memory (weights that go to a GPU are not counted against RAM, so the memory
+        # estimate is skipped then).
         memory = available_memory() if self.gpu_layers == 0 else None
         if memory is not None:
             check_fits(info, n_ctx=self.n_ctx, memory=memory)
