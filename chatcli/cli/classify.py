@@ -54,7 +54,7 @@ def classify(text, labels, model, pull, ctx_size, threads, gpu_layers, flash_att
       chatcli classify -l bug -l feature -l question --json < issues.txt
     """
     from chatcli import loading
-    from chatcli.classify import Classifier, check_labels
+    from chatcli.classify import Classifier, check_labels, require_local
     from chatcli.cli import console
     from chatcli.errors import UsageError
     from chatcli.prompting import chat_format
@@ -72,6 +72,7 @@ def classify(text, labels, model, pull, ctx_size, threads, gpu_layers, flash_att
         raise UsageError(f"classify reads the model's logits: {ref.display} is a remote model; use a model run here")
     load_options = _load_options(ctx_size, threads, gpu_layers, flash_attn, verbose)
     ref, engine = _open_engine(ref, pull, load_options, allow_remote=False)
+    require_local(engine)  # an encoder-decoder is refused before any word on its chat template
     fmt, warning = chat_format(engine, ref, chat_template)
     if warning:
         console.warn(warning)
