@@ -342,3 +342,13 @@ def test_similar_offers_to_pull_after_reading_stdin(chatcli):
     result = chatcli("similar", "-m", "smollm2", "install", input="a line\n")
     assert result.returncode == 1
     assert "chatcli pull smollm2" in result.stderr and "internal error" not in result.stderr
+
+
+def test_a_damaged_cache_file_is_warned_about_and_the_vectors_still_come(chatcli, tiny_bert, home):
+    cache = home / "cache" / "embeddings.db"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"not a database" * 100)
+    result = chatcli("similar", "-m", str(tiny_bert), "the cat", input="the cat\na dog\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].endswith("\tthe cat")
+    assert "going on without the cache" in result.stderr

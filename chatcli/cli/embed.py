@@ -77,9 +77,14 @@ def _report_load(embedder: Embedder, verbose: bool) -> None:
 def _cache(enabled: bool) -> EmbeddingCache | None:
     if not enabled:
         return None
-    from chatcli.embed_cache import EmbeddingCache
+    from chatcli.cli import console
+    from chatcli.embed_cache import EmbedCacheError, EmbeddingCache
 
-    return EmbeddingCache()
+    try:
+        return EmbeddingCache()
+    except EmbedCacheError as exc:  # a cache: the vectors are computed without it
+        console.warn(f"{exc} (going on without the cache)")
+        return None
 
 
 # ---------------------------------------------------------------- input
