@@ -138,6 +138,24 @@ def _read_head(path: Path) -> bytes:
         return b""
 
 
+def _busy_retried(step: Callable[[], _R]) -> _R:
+    """Run a step that takes a lock (open, BEGIN IMMEDIATE), again while SQLite answers "busy" within the timeout.
+
+    SQLite's busy handler waits out a lock held by another process, but a few cases answer busy at once
+    (a WAL file being recovered or its journal mode changing while another process opens it): the step is
+    retried then, until BUSY_TIMEOUT_S has passed. The steps change nothing when they fail.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _guarded(method: Callable[Concatenate[History, _P], _R]) -> Callable[Concatenate[History, _P], _R]:
     """Turn SQLite's errors (locked past the timeout, disk full, damaged file) into HistoryError."""
 
@@ -169,7 +187,7 @@ class History:
         except (OSError, sqlite3.Error) as e:
             raise HistoryError(f"cannot open the history database {self.path}: {e}") from e
         try:
-            self._open()
+            _busy_retried(self._open)
         except BaseException as e:
             self._db.close()
             if isinstance(e, sqlite3.Error):
@@ -220,7 +238,7 @@ class History:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the write lock from its start: commit on success, else roll back."""
-        self._db.execute("BEGIN IMMEDIATE")
+        _busy_retried(lambda: self._db.execute("BEGIN IMMEDIATE"))
         try:
             yield self._db
         except BaseException:
