@@ -288,13 +288,10 @@ class _LabelScorer:
 
     def _hold(self, prompt: list[int]) -> Any:
         """Make the cache hold exactly `prompt`, reading only what it does not share; the last token's log-probs."""
-        cached = self._cached()
-        common = 0
-        for a, b in zip(cached, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)  # the last token is read again: its logits are what we need
+        from chatcli.engine import common_prefix
+
+        # the last token is read again: its logits are what we need
+        common = min(common_prefix(self._cached(), prompt), len(prompt) - 1)
         self._cut(common)
         start = self.llm.n_tokens  # 0 when the cut was refused (recurrent state)
         return self._decode(prompt[start:], start, logits_from=len(prompt) - start - 1)[-1]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatcli.chat_templates import ChatFormat, Message, choose_format
+from chatcli.engine import common_prefix
 from chatcli.errors import TemplateError
 from chatcli.gguf_info import GGUFInfo, read_gguf
 
@@ -353,8 +354,7 @@ def compare_with_source(info: GGUFInfo) -> list[Finding]:
             continue  # a side that cannot render this conversation is the other checks' business
         if ours == theirs:
             continue
-        at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours),
-                                                                                                  len(theirs)))
+        at = common_prefix(ours, theirs)
         kind = "only in whitespace" if "".join(ours.split()) == "".join(theirs.split()) else "in content"
         return [Finding(
             "source-template-differs",

@@ -244,6 +244,16 @@ class StopScanner:
 # ---------------------------------------------------------------- llama.cpp
 
 
+def common_prefix(a: Sequence[object], b: Sequence[object]) -> int:
+    """How many leading items two sequences (token lists, strings) share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def physical_cores() -> int:
     """Physical cores we may run on: llama.cpp's decode gets slower with hyper-threads."""
     try:
@@ -844,8 +854,7 @@ class LlamaEngine:
 
         tokens = self.cached_tokens
         if keep is not None:
-            common = next((i for i, (a, b) in enumerate(zip(tokens, keep, strict=False)) if a != b),
-                          min(len(tokens), len(keep)))
+            common = common_prefix(tokens, keep)
             if common < max(1, min_tokens):
                 return None
             if common < len(tokens) and self.recurrent:

@@ -159,13 +159,10 @@ class SnapshotStore:
         Callers pass the tokens a later prompt will start with, so the snapshot is always a prefix of it.
         A failure (e.g. a full disk) just means no snapshot: None.
         """
+        from chatcli.engine import common_prefix
+
         cached = engine.cached_tokens
-        common = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = max(0, common - margin)
+        common = max(0, common_prefix(cached, tokens) - margin)
         if common < len(cached):
             engine.truncate(common)
         try:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatcli.engine import Engine, Generation, GenerationResult, SamplingOptions, StopScanner
+from chatcli.engine import Engine, Generation, GenerationResult, SamplingOptions, StopScanner, common_prefix
 
 
 @dataclass
@@ -109,8 +109,7 @@ class FakeEngine:
                          min_tokens: int = 0) -> tuple[list[int], bytearray] | None:
         tokens = list(self.cache)
         if keep is not None:
-            common = next((i for i, (a, b) in enumerate(zip(tokens, keep, strict=False)) if a != b),
-                          min(len(tokens), len(keep)))
+            common = common_prefix(tokens, keep)
             if common < max(1, min_tokens):
                 return None
             self.truncate(common)
