@@ -101,6 +101,23 @@ class _Weights:
 _VT = gguf.GGUFValueType
 
 
+def model_kv(arch: str, *, name: str, n_ctx: int, n_embd: int, n_ff: int, n_layer: int,
+             n_head: int) -> dict[str, tuple[Any, ...]]:
+    """The general.* keys and the hyperparameters every architecture here writes (F16, this project's licence)."""
+    return {
+        "general.type": ("model", _VT.STRING),
+        "general.name": (name, _VT.STRING),
+        "general.license": (LICENSE, _VT.STRING),
+        "general.file_type": (FILE_TYPE_F16, _VT.UINT32),
+        "general.quantization_version": (2, _VT.UINT32),
+        f"{arch}.context_length": (n_ctx, _VT.UINT32),
+        f"{arch}.embedding_length": (n_embd, _VT.UINT32),
+        f"{arch}.feed_forward_length": (n_ff, _VT.UINT32),
+        f"{arch}.block_count": (n_layer, _VT.UINT32),
+        f"{arch}.attention.head_count": (n_head, _VT.UINT32),
+    }
+
+
 def _common_kv(
     arch: str,
     *,
@@ -116,17 +133,8 @@ def _common_kv(
 ) -> tuple[dict[str, tuple[Any, ...]], list[str]]:
     tokens, types, merges = make_vocab(specials)
     eos = tokens.index(ENDOFTEXT)
-    kv: dict[str, tuple[Any, ...]] = {
-        "general.type": ("model", _VT.STRING),
-        "general.name": (name, _VT.STRING),
-        "general.license": (LICENSE, _VT.STRING),
-        "general.file_type": (FILE_TYPE_F16, _VT.UINT32),
-        "general.quantization_version": (2, _VT.UINT32),
-        f"{arch}.context_length": (n_ctx, _VT.UINT32),
-        f"{arch}.embedding_length": (n_embd, _VT.UINT32),
-        f"{arch}.feed_forward_length": (n_ff, _VT.UINT32),
-        f"{arch}.block_count": (n_layer, _VT.UINT32),
-        f"{arch}.attention.head_count": (n_head, _VT.UINT32),
+    kv = model_kv(arch, name=name, n_ctx=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer, n_head=n_head)
+    kv |= {
         "tokenizer.ggml.model": ("gpt2", _VT.STRING),
         "tokenizer.ggml.pre": (pre, _VT.STRING),
         "tokenizer.ggml.tokens": (tokens, _VT.ARRAY, _VT.STRING),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ggufgen import _VT, FILE_TYPE_F16, LICENSE, _Weights, _write
+from ggufgen import _VT, _Weights, _write, model_kv
 
 PHANTOM = "\u2581"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -87,17 +87,8 @@ def make_bert(
     n_types = 2
     tokens, types = bert_vocab()
     arch = "bert"
-    kv: dict[str, tuple[Any, ...]] = {
-        "general.type": ("model", _VT.STRING),
-        "general.name": (name, _VT.STRING),
-        "general.license": (LICENSE, _VT.STRING),
-        "general.file_type": (FILE_TYPE_F16, _VT.UINT32),
-        "general.quantization_version": (2, _VT.UINT32),
-        f"{arch}.context_length": (n_ctx, _VT.UINT32),
-        f"{arch}.embedding_length": (n_embd, _VT.UINT32),
-        f"{arch}.feed_forward_length": (n_ff, _VT.UINT32),
-        f"{arch}.block_count": (n_layer, _VT.UINT32),
-        f"{arch}.attention.head_count": (n_head, _VT.UINT32),
+    kv = model_kv(arch, name=name, n_ctx=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer, n_head=n_head)
+    kv |= {
         f"{arch}.attention.layer_norm_epsilon": (1e-12, _VT.FLOAT32),
         f"{arch}.attention.causal": (False, _VT.BOOL),
         f"{arch}.pooling_type": (pooling, _VT.UINT32),

@@ -21,13 +21,12 @@ from ggufgen import (
     _VT,
     CHATML_TEMPLATE,
     ENDOFTEXT,
-    FILE_TYPE_F16,
     IM_END,
     IM_START,
-    LICENSE,
     _common_kv,
     _Weights,
     _write,
+    model_kv,
 )
 
 PHANTOM = "\u2581"  # SentencePiece's visible space
@@ -89,17 +88,8 @@ def make_t5(
     tokens, scores, types = t5_vocab()
     n_vocab = len(tokens)
     n_ff = 2 * n_embd
-    kv: dict[str, tuple[Any, ...]] = {
-        "general.type": ("model", _VT.STRING),
-        "general.name": (name, _VT.STRING),
-        "general.license": (LICENSE, _VT.STRING),
-        "general.file_type": (FILE_TYPE_F16, _VT.UINT32),
-        "general.quantization_version": (2, _VT.UINT32),
-        "t5.context_length": (n_ctx, _VT.UINT32),
-        "t5.embedding_length": (n_embd, _VT.UINT32),
-        "t5.feed_forward_length": (n_ff, _VT.UINT32),
-        "t5.block_count": (n_layer, _VT.UINT32),
-        "t5.attention.head_count": (n_head, _VT.UINT32),
+    kv = model_kv("t5", name=name, n_ctx=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer, n_head=n_head)
+    kv |= {
         "t5.attention.key_length": (n_embd // n_head, _VT.UINT32),
         "t5.attention.value_length": (n_embd // n_head, _VT.UINT32),
         "t5.attention.layer_norm_epsilon": (1e-6, _VT.FLOAT32),
