@@ -122,11 +122,11 @@ def serve(models: tuple[str, ...], host: str, port: int, api_key: str | None, pu
 
 
 def _is_embedding_model(path: Path) -> bool:
-    from chatcli import header_cache
+    from chatcli.engine import checked_header
     from chatcli.families import EMBEDDING, family
-    from chatcli.gguf_info import read_gguf
 
-    return family(header_cache.lookup(path) or read_gguf(path)).name == EMBEDDING
+    # checked (and remembered) once here: the engine or embedder that opens the file next finds it in the cache
+    return family(checked_header(path)).name == EMBEDDING
 
 
 COMMANDS = [serve]
