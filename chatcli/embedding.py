@@ -144,6 +144,7 @@ class Embedder:
         self.flash_attn = flash_attn
         self.verbose = verbose
         self.load_seconds = 0.0
+        self.last_token_count = 0  # tokens the last embed() read, over all its texts (usage, for serve)
         self._llm: Any = None
         self._share: Any = None
         self._threads_now = 0
@@ -278,6 +279,7 @@ class Embedder:
             if not text or not text.strip():
                 raise UsageError("cannot embed an empty text")
             token_lists.append(self._fit(self.tokenize(text), i, text, truncate))
+        self.last_token_count = sum(len(tokens) for tokens in token_lists)
         vectors: list[Vector] = []
         sharing = self._share.generating() if self._share is not None else nullcontext(None)
         with sharing as share:

@@ -105,7 +105,7 @@ def embed(model: ServedEmbedder, request: EmbeddingsRequest) -> dict[str, Any]:
                                     f"{embedder.width}-wide vectors", "dimensions")
     with model.lock:
         vectors = embedder.embed(request.texts)
-        n_tokens = sum(len(embedder.tokenize(text)) for text in request.texts)
+        n_tokens = embedder.last_token_count
     data = [{"object": "embedding", "index": i,
              "embedding": _encode(_shorten(v, request.dimensions), request.base64)}
             for i, v in enumerate(vectors)]
