@@ -44,7 +44,7 @@ def _open_embedder(model: str | None, pull: bool, ctx_size: int | None, threads:
     """
     from chatcli import loading
     from chatcli.cli import console
-    from chatcli.cli.run import _ask_to_pull
+    from chatcli.cli.run import _present
     from chatcli.errors import UsageError
 
     # config's ctx_size is a chat window: only an explicit -c sets the longest text here
@@ -54,12 +54,7 @@ def _open_embedder(model: str | None, pull: bool, ctx_size: int | None, threads:
         raise UsageError(f"{ref.display} is a remote model: embed and similar run models here; use a local "
                          "embedding model (e.g. -m all-minilm)")
 
-    def pulled(result) -> None:  # noqa: ANN001 - pulling.PullResult
-        via = "" if result.source == "hub" else f" from {result.source}"
-        console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
-
-    path = loading.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
-                                 on_pulled=pulled, notice=console.warn)
+    path = _present(ref, pull)
     embedder = loading.open_embedder(ref, path, load_options, ctx_size=ctx_size)
     if embedder.pooled_decoder:
         console.info(DECODER_NOTE.format(name=ref.display if ref.kind != "local" else path.name))

@@ -94,6 +94,19 @@ def _ask_to_pull(ref) -> bool:  # noqa: ANN001
     return click.confirm(f"{ref.display} is not downloaded. Download it{size} now?", default=True, err=True)
 
 
+def _present(ref, pull):  # noqa: ANN001, ANN202
+    """The local file of a (non-remote) reference: pulled first with --pull, or after asking on a terminal."""
+    from chatcli import loading
+    from chatcli.cli import console
+
+    def pulled(result) -> None:  # noqa: ANN001
+        via = "" if result.source == "hub" else f" from {result.source}"
+        console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
+
+    return loading.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
+                                  on_pulled=pulled, notice=console.warn)
+
+
 def _open_engine(model, pull, load_options, *, allow_remote=True):  # noqa: ANN001, ANN202
     """Load the model `model` names (a reference's text, None for the default, or a ModelRef already resolved)."""
     from chatcli import loading
@@ -111,12 +124,7 @@ def _open_engine(model, pull, load_options, *, allow_remote=True):  # noqa: ANN0
             console.info(f"using {remote.label} at {remote.endpoint.api_base} (found in {remote.load_seconds:.2f}s)")
         return ref, remote
 
-    def pulled(result) -> None:  # noqa: ANN001
-        via = "" if result.source == "hub" else f" from {result.source}"
-        console.info(f"pulled {ref.display}{via} ({console.size(result.model.size)}, sha256 verified)")
-
-    path = loading.ensure_present(ref, pull=pull, confirm=_ask_to_pull, progress=console.DownloadBar(),
-                                 on_pulled=pulled, notice=console.warn)
+    path = _present(ref, pull)
     engine = loading.load(ref, path, load_options)
     if load_options.verbose:
         from chatcli.engine import gpu_offload_supported
