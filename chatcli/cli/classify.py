@@ -8,23 +8,8 @@ from collections.abc import Iterator
 
 import click
 
+from chatcli.cli.common import stdin_lines
 from chatcli.cli.run import _load_options, _open_engine, model_options
-
-
-def _stdin_lines() -> Iterator[str]:
-    """stdin's lines as they arrive, without their line ends (each one is classified, blank ones too)."""
-    for raw in sys.stdin.buffer:
-        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
-
-
-def _write(text: str) -> None:
-    from chatcli.errors import OutputClosed
-
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise OutputClosed("stdout was closed") from None
 
 
 @click.command()
@@ -62,8 +47,8 @@ def classify(text, labels, model, pull, ctx_size, threads, gpu_layers, flash_att
     chosen = check_labels(labels)  # a usage error before anything loads
     if text is not None:
         inputs: Iterator[str] = iter([text])
-    elif sys.stdin is not None and not sys.stdin.isatty():
-        inputs = _stdin_lines()
+    elif (lines := stdin_lines()) is not None:
+        inputs = lines
     else:
         raise UsageError("no input: give TEXT or pipe lines on stdin "
                          "(e.g. `cut -f2 reviews.tsv | chatcli classify -l positive -l negative`)")
@@ -77,9 +62,10 @@ def classify(text, labels, model, pull, ctx_size, threads, gpu_layers, flash_att
     if warning:
         console.warn(warning)
     classifier = Classifier(engine, chosen, fmt, instructions=instructions, system=system, calibrate=calibrate)
-    for result in classifier.classify_all(inputs):
+    for result in classifier.classify_all(inputs):  # a closed stdout (`| head`) ends quietly: the group sees to it
         if not as_json:
-            _write(result.label + "\n")
+            sys.stdout.write(result.label + "\n")
+            sys.stdout.flush()
             continue
         record: dict[str, object] = {
             "text": result.text,
@@ -88,7 +74,8 @@ def classify(text, labels, model, pull, ctx_size, threads, gpu_layers, flash_att
         }
         if calibrate:
             record["uncalibrated"] = {label: round(p, 6) for label, p in result.uncalibrated.items()}
-        _write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
 
 
 COMMANDS = [classify]

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from chatcli.registry import Catalogue, ModelRef
     from chatcli.store import LocalModel
+
+
+def stdin_lines() -> Iterator[str] | None:
+    """stdin's lines as they arrive, as UTF-8 (undecodable bytes replaced) without their line ends; None when
+    stdin is a terminal. Read from the binary buffer: a text wrapper, once collected, would close sys.stdin
+    (and a later isatty(), the offer to download a missing model, would fail)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return (raw.decode("utf-8", errors="replace").rstrip("\r\n") for raw in sys.stdin.buffer)
 
 
 def catalogue() -> Catalogue:

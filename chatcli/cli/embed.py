@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
+from chatcli.cli.common import stdin_lines
 from chatcli.cli.run import _load_options, model_options
 
 if TYPE_CHECKING:
@@ -92,25 +92,6 @@ class Chunk:
     line: int  # 1-based: the line, or a paragraph's first line
 
 
-def _stdin_text() -> Iterator[str] | None:
-    """stdin's lines as UTF-8 text (undecodable bytes replaced), or None when it is a terminal.
-
-    The wrapper is detached when the lines end: closing it (as garbage collection would) closes sys.stdin too,
-    and a later isatty() (the offer to download a missing model) would fail.
-    """
-    if sys.stdin is None or sys.stdin.isatty():
-        return None
-    wrapper = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline=None)
-
-    def lines() -> Iterator[str]:
-        try:
-            yield from wrapper
-        finally:
-            wrapper.detach()
-
-    return lines()
-
-
 def _lines(stream: Iterable[str], source: str) -> Iterator[Chunk]:
     """One chunk per line that holds more than whitespace (a blank line has nothing to embed)."""
     for number, line in enumerate(stream, 1):
@@ -141,14 +122,14 @@ def _read_chunks(files: tuple[str, ...], paragraphs: bool) -> list[Chunk]:
 
     split = _paragraphs if paragraphs else _lines
     if not files:
-        stdin = _stdin_text()
+        stdin = stdin_lines()
         if stdin is None:
             raise UsageError("nothing to rank: pipe lines into `chatcli similar`, or give files with -f")
         return list(split(stdin, "-"))
     chunks: list[Chunk] = []
     for name in files:
         if name == "-":
-            stdin = _stdin_text()
+            stdin = stdin_lines()
             chunks.extend(split(stdin, "-") if stdin is not None else ())
             continue
         try:
@@ -251,7 +232,7 @@ def embed(text, model, pull, ctx_size, threads, gpu_layers, flash_attn, verbose,
             raise UsageError("nothing to embed: TEXT is empty")
         chunks: Iterable[Chunk] = [Chunk(text, "TEXT", 1)]
     else:
-        stdin = _stdin_text()
+        stdin = stdin_lines()
         if stdin is None:
             raise UsageError("nothing to embed: give TEXT, or pipe lines on stdin")
         chunks = _lines(stdin, "-")
