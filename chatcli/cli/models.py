@@ -99,7 +99,11 @@ def list_models(as_json: bool, available: bool, endpoint_name: str | None) -> No
     else:
         columns = ["reference", "source", "quant", "size", "architecture", "parameters", "context", "last_used"]
     for column in columns:
-        table.add_column(column.replace("_", " ").upper())
+        # what a user types next (the name, the reference) and the kind are never cut on a narrow terminal
+        whole = column in ("name", "reference", "kind")
+        width = max((len(_cell(column, row.get(column))) for row in rows), default=0) if whole else None
+        table.add_column(column.replace("_", " ").upper(), no_wrap=whole, min_width=width,
+                         overflow="ellipsis" if whole else "fold")
     for row in rows:
         table.add_row(*[_cell(column, row.get(column)) for column in columns])
     console.print_table(table)
